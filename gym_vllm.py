@@ -1,0 +1,1410 @@
+"""gym_vllm: the OpenAI Responses API in front of self-hosted vLLM, for agent rollouts and RL training.
+
+Run it::
+
+    python -m gym_vllm --config configs/vllm_model.yaml [--env env.yaml] [--host H] [--port P]
+
+Use it from the official SDK::
+
+    from openai import OpenAI
+    client = OpenAI(base_url="http://127.0.0.1:8080/v1", api_key="unused")
+    response = client.responses.create(model="any", input="Hello")
+
+Embed it in your own event loop::
+
+    import gym_vllm
+    [config] = gym_vllm.load_config(["configs/vllm_model.yaml"])
+    runner = await gym_vllm.start_server(config)      # serving now
+    ...
+    await runner.cleanup()
+
+The module reads top to bottom in data-flow order: errors, config, request conversion (Responses ->
+Chat Completions), response conversion (Chat Completions -> Responses, the ``<think>`` parser, token
+IDs), backends (round-robin with session affinity), HTTP (aiohttp handlers), embedding API, CLI.
+Every conversion is a pure function (dict in, dict out); I/O lives in the HTTP section only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import dataclasses
+import difflib
+import json
+import logging
+import os
+import re
+import signal
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+import aiohttp
+import yaml
+from aiohttp import web
+
+__all__ = [
+    "ApiError",
+    "ConfigError",
+    "ServerConfig",
+    "load_config",
+    "server_config_from_dict",
+    "responses_request_to_chat",
+    "prepare_chat_request",
+    "chat_response_to_responses",
+    "chat_response_for_client",
+    "context_overflow_response",
+    "context_overflow_chat_response",
+    "split_think_blocks",
+    "extract_token_info",
+    "SessionTable",
+    "Balancer",
+    "build_app",
+    "start_server",
+    "serve",
+    "main",
+]
+
+log = logging.getLogger("gym_vllm")
+
+TOKEN_FIELDS = ("prompt_token_ids", "generation_token_ids", "generation_log_probs")
+
+
+# ============================================================================================
+# Errors: every failure a client can see is one of these, rendered as OpenAI error JSON.
+# ============================================================================================
+
+
+class ApiError(Exception):
+    """An error answered to the client as ``{"error": {"message", "type", "param", "code"}}``."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        type: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.param = param
+        self.code = code
+        self.type = type or ("invalid_request_error" if status < 500 else "server_error")
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+def bad_request(message: str, param: str | None = None) -> ApiError:
+    return ApiError(400, message, param=param)
+
+
+def upstream_error(message: str, code: str = "upstream_error", status: int = 502) -> ApiError:
+    return ApiError(status, message, code=code)
+
+
+class ConfigError(Exception):
+    """A config problem, reported as one line naming the file, the key and the fix."""
+
+
+# ============================================================================================
+# Config: NeMo Gym's shape, `<server>: {responses_api_models: {vllm_model: {...}}}`.
+# ============================================================================================
+
+_MISSING = object()
+
+
+@dataclasses.dataclass(frozen=True)
+class ServerConfig:
+    """One model server: where it listens, which vLLM endpoints it fronts, and how it converts."""
+
+    name: str
+    base_url: tuple[str, ...]
+    api_key: str
+    model: str
+    return_token_id_information: bool
+    uses_reasoning_parser: bool
+    replace_developer_role_with_system: bool = False
+    chat_template_kwargs: dict | None = None
+    extra_body: dict | None = None
+    propagate_context_overflow_errors: bool = False
+    host: str = "127.0.0.1"
+    port: int = 8080
+    connect_timeout_s: float = 10.0
+    # Generations can run for many minutes; a bound still keeps a wedged engine from hanging a rollout forever.
+    request_timeout_s: float | None = 3600.0
+    max_request_body_mb: float = 64.0
+    session_table_size: int = 100_000
+    session_idle_timeout_s: float = 3600.0
+    source: str = dataclasses.field(default="<python>", compare=False)
+
+    def __repr__(self) -> str:  # keeps the api_key out of logs and tracebacks
+        fields = ", ".join(
+            f"{f.name}={'***' if f.name == 'api_key' else repr(getattr(self, f.name))}"
+            for f in dataclasses.fields(self)
+        )
+        return f"ServerConfig({fields})"
+
+
+# key -> (accepted python types, human type name); `None` in the tuple means null is allowed.
+_CONFIG_TYPES: dict[str, tuple[tuple, str]] = {
+    "base_url": ((str, list), "a URL, a list of URLs or a comma-separated string"),
+    "api_key": ((str,), "a string"),
+    "model": ((str,), "a string"),
+    "return_token_id_information": ((bool,), "true or false"),
+    "uses_reasoning_parser": ((bool,), "true or false"),
+    "replace_developer_role_with_system": ((bool,), "true or false"),
+    "chat_template_kwargs": ((dict, type(None)), "a mapping or null"),
+    "extra_body": ((dict, type(None)), "a mapping or null"),
+    "propagate_context_overflow_errors": ((bool,), "true or false"),
+    "host": ((str,), "a string"),
+    "port": ((int,), "an integer"),
+    "connect_timeout_s": ((int, float), "a number of seconds"),
+    "request_timeout_s": ((int, float, type(None)), "a number of seconds or null"),
+    "max_request_body_mb": ((int, float), "a number of megabytes"),
+    "session_table_size": ((int,), "an integer"),
+    "session_idle_timeout_s": ((int, float), "a number of seconds"),
+}
+_REQUIRED_KEYS = ("base_url", "api_key", "model", "return_token_id_information", "uses_reasoning_parser")
+_IGNORED_KEYS = ("entrypoint",)  # NeMo Gym's launcher key; meaningless here
+
+
+def _did_you_mean(key: str, valid: Iterable[str]) -> str:
+    close = difflib.get_close_matches(key, list(valid), n=1)
+    return f" (did you mean `{close[0]}`?)" if close else ""
+
+
+def _split_base_urls(value: str | list, where: str) -> tuple[str, ...]:
+    items = value.split(",") if isinstance(value, str) else value
+    urls = []
+    for item in items:
+        if not isinstance(item, str):
+            raise ConfigError(f"{where}: every base_url must be a string, got {item!r}")
+        url = item.strip().rstrip("/")
+        if not url:
+            continue
+        if not url.startswith(("http://", "https://")):
+            raise ConfigError(f"{where}: base_url {url!r} must start with http:// or https:// (e.g. http://127.0.0.1:8000/v1)")
+        urls.append(url)
+    if not urls:
+        raise ConfigError(f"{where}: base_url is empty; give at least one URL such as http://127.0.0.1:8000/v1")
+    return tuple(urls)
+
+
+def server_config_from_dict(name: str, values: dict, source: str = "<python>") -> ServerConfig:
+    """Validates one `vllm_model` block (already interpolated) and builds its ServerConfig."""
+    where_base = f"{source}: {name}.responses_api_models.vllm_model"
+    if not isinstance(values, dict):
+        raise ConfigError(f"{where_base}: must be a mapping of settings, got {type(values).__name__}")
+    for key in values:
+        if key not in _CONFIG_TYPES and key not in _IGNORED_KEYS:
+            raise ConfigError(f"{where_base}.{key}: unknown key{_did_you_mean(str(key), _CONFIG_TYPES)}")
+    for key in _REQUIRED_KEYS:
+        if key not in values:
+            raise ConfigError(f"{where_base}.{key}: required key is missing; add `{key}: ...` to the server block")
+    kwargs: dict[str, Any] = {}
+    for key, (types, type_name) in _CONFIG_TYPES.items():
+        if key not in values:
+            continue
+        value = values[key]
+        # bool is an int subclass in Python: `port: true` must still be an error.
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            raise ConfigError(f"{where_base}.{key}: expected {type_name}, got {value!r}")
+        kwargs[key] = value
+    kwargs["base_url"] = _split_base_urls(kwargs["base_url"], f"{where_base}.base_url")
+    for key in ("connect_timeout_s", "request_timeout_s", "max_request_body_mb", "session_idle_timeout_s"):
+        if kwargs.get(key) is not None and kwargs[key] <= 0:
+            raise ConfigError(f"{where_base}.{key}: must be positive, got {kwargs[key]!r}")
+    if kwargs.get("session_table_size", 1) < 1:
+        raise ConfigError(f"{where_base}.session_table_size: must be at least 1")
+    if not 0 <= kwargs.get("port", 0) <= 65535:
+        raise ConfigError(f"{where_base}.port: must be between 0 and 65535, got {kwargs['port']}")
+    return ServerConfig(name=name, source=source, **kwargs)
+
+
+_INTERPOLATION = re.compile(r"\$\{([^{}]+)\}")
+
+
+def _lookup_variable(expr: str, variables: dict, where: str, env_hint: str) -> Any:
+    expr = expr.strip()
+    if expr.startswith("oc.env:"):
+        name, _, default = expr[len("oc.env:"):].partition(",")
+        name = name.strip()
+        if name in os.environ:
+            return os.environ[name]
+        if "," in expr:
+            return default.strip()
+        raise ConfigError(f"{where}: environment variable {name} is not set; export it or write ${{oc.env:{name},default}}")
+    value: Any = variables
+    for part in expr.split("."):
+        if not isinstance(value, dict) or part not in value:
+            raise ConfigError(f"{where}: variable ${{{expr}}} is not defined; add `{expr}: ...` to {env_hint}")
+        value = value[part]
+    return value
+
+
+def _interpolate(value: Any, variables: dict, where: str, env_hint: str, depth: int = 0) -> Any:
+    """Resolves `${name}` and `${oc.env:VAR[,default]}`; a value that is one whole `${...}` keeps its type."""
+    if depth > 10:
+        raise ConfigError(f"{where}: variables refer to each other in a cycle")
+    if isinstance(value, dict):
+        return {k: _interpolate(v, variables, f"{where}.{k}", env_hint, depth) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_interpolate(v, variables, f"{where}[{i}]", env_hint, depth) for i, v in enumerate(value)]
+    if not isinstance(value, str) or "${" not in value:
+        return value
+    whole = _INTERPOLATION.fullmatch(value)
+    if whole:
+        resolved = _lookup_variable(whole.group(1), variables, where, env_hint)
+        return _interpolate(resolved, variables, where, env_hint, depth + 1)
+
+    def substitute(match: re.Match) -> str:
+        resolved = _interpolate(_lookup_variable(match.group(1), variables, where, env_hint), variables, where, env_hint, depth + 1)
+        return str(resolved)
+
+    return _INTERPOLATION.sub(substitute, value)
+
+
+def _read_yaml(path: str, what: str) -> Any:
+    try:
+        with open(path, encoding="utf-8") as file:
+            return yaml.safe_load(file)
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: {what} file not found") from None
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read {what} file: {exc.strerror}") from None
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise ConfigError(f"{path}:{line}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+
+
+def _merge(base: dict, extra: dict) -> dict:
+    merged = dict(base)
+    for key, value in extra.items():
+        merged[key] = _merge(merged[key], value) if isinstance(merged.get(key), dict) and isinstance(value, dict) else value
+    return merged
+
+
+def load_config(paths: Sequence[str], env_path: str | None = None) -> list[ServerConfig]:
+    """Loads every `vllm_model` server from the config files (comma-separated entries allowed).
+
+    Variables come from `env_path` (default: ./env.yaml if present) and from top-level scalar keys of
+    the config files; files later in the list win, as in NeMo Gym.
+    """
+    files = [p.strip() for entry in paths for p in entry.split(",") if p.strip()]
+    if not files:
+        raise ConfigError("no config file given; pass --config configs/vllm_model.yaml")
+    if env_path is None and os.path.exists("env.yaml"):
+        env_path = "env.yaml"
+    variables: dict = {}
+    if env_path is not None:
+        env_values = _read_yaml(env_path, "env")
+        if env_values is not None and not isinstance(env_values, dict):
+            raise ConfigError(f"{env_path}: an env file must be a mapping of names to values")
+        variables = env_values or {}
+    env_hint = env_path or "env.yaml (pass --env) or the config file"
+
+    servers: dict[str, dict] = {}
+    sources: dict[str, str] = {}
+    for path in files:
+        data = _read_yaml(path, "config")
+        if data is None:
+            continue
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a config file must be a mapping of server names to server blocks")
+        for key, value in data.items():
+            if isinstance(value, dict):
+                servers[key] = _merge(servers.get(key, {}), value)
+                sources[key] = path
+            else:  # top-level scalars are variables for ${...}, like NeMo Gym's global config
+                variables = {**variables, key: value}
+
+    configs = []
+    for name, block in servers.items():
+        source = sources[name]
+        kinds = block.get("responses_api_models")
+        others = sorted(set(block) - {"responses_api_models"})
+        if kinds is None:
+            if others and set(others) <= {"resources_servers", "responses_api_agents"}:
+                log.info("config %s: skipping %s (%s is not a model server)", source, name, "/".join(others))
+                continue
+            raise ConfigError(f"{source}: {name}: expected `responses_api_models: {{vllm_model: {{...}}}}` under the server name")
+        if others:
+            raise ConfigError(f"{source}: {name}.{others[0]}: unknown key{_did_you_mean(others[0], ['responses_api_models'])}")
+        if not isinstance(kinds, dict) or len(kinds) != 1:
+            raise ConfigError(f"{source}: {name}.responses_api_models: must hold exactly one server type, `vllm_model`")
+        [(kind, values)] = kinds.items()
+        if kind == "local_vllm_model":
+            raise ConfigError(f"{source}: {name}.responses_api_models.local_vllm_model: start this server with `python -m local_vllm --config {source}`")
+        if kind != "vllm_model":
+            raise ConfigError(f"{source}: {name}.responses_api_models.{kind}: unknown server type{_did_you_mean(str(kind), ['vllm_model'])}")
+        values = _interpolate(values, variables, f"{source}: {name}.responses_api_models.vllm_model", env_hint)
+        configs.append(server_config_from_dict(name, values, source))
+    if not configs:
+        raise ConfigError(f"{', '.join(files)}: no `vllm_model` server found; see configs/vllm_model.yaml for the shape")
+    _check_ports(configs)
+    return configs
+
+
+def _check_ports(configs: Sequence[ServerConfig]) -> None:
+    seen: dict[tuple[str, int], ServerConfig] = {}
+    for config in configs:
+        address = (config.host, config.port)
+        if config.port and address in seen:
+            other = seen[address]
+            raise ConfigError(
+                f"{config.source}: {config.name}.responses_api_models.vllm_model.port: servers `{other.name}` and "
+                f"`{config.name}` both listen on {config.host}:{config.port}; give each server its own `port`"
+            )
+        seen[address] = config
+
+
+# ============================================================================================
+# Request conversion (pure): Responses request -> Chat Completions request.
+# ============================================================================================
+
+# Responses fields we cannot serve through Chat Completions: a clear 400 rather than a wrong answer.
+_UNSUPPORTED_FIELDS = {
+    "previous_response_id": "this server keeps no stored responses; send the whole history in `input`",
+    "conversation": "this server keeps no conversations; send the whole history in `input`",
+    "background": "background responses are not supported",
+    "prompt": "stored prompt templates are not supported; send `instructions` and `input`",
+    "context_management": "context management is not supported",
+    "max_tool_calls": "max_tool_calls is not supported by vLLM's chat API",
+    "stream_options": "stream_options needs `stream: true`, which is not supported yet",
+}
+# Echoed on the Response object, never sent to vLLM.
+_ECHO_ONLY_FIELDS = {"model", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier", "truncation", "include"}
+_SUPPORTED_INCLUDES = {"message.output_text.logprobs"}
+_REASONING_KEYS = {"effort", "summary", "generate_summary"}
+
+
+def _check_type(value: Any, types: tuple, param: str, what: str) -> Any:
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        raise bad_request(f"`{param}` must be {what}, got {type(value).__name__}", param)
+    return value
+
+
+def _text_of_parts(content: Any, param: str, allowed: tuple[str, ...]) -> str:
+    """Joins text parts (types in `allowed`) of a content list, or returns a string content as is."""
+    if isinstance(content, str):
+        return content
+    _check_type(content, (list,), param, "a string or a list of content parts")
+    texts = []
+    for j, part in enumerate(content):
+        _check_type(part, (dict,), f"{param}[{j}]", "an object")
+        kind = part.get("type")
+        if kind not in allowed:
+            raise bad_request(f"unsupported content part type {kind!r} in `{param}[{j}]`; expected one of {', '.join(allowed)}", f"{param}[{j}].type")
+        texts.append(_check_type(part.get("text", ""), (str,), f"{param}[{j}].text", "a string"))
+    return "".join(texts)
+
+
+def _input_part_to_chat(part: Any, param: str) -> dict:
+    _check_type(part, (dict,), param, "an object")
+    kind = part.get("type")
+    if kind in ("input_text", "text"):
+        return {"type": "text", "text": _check_type(part.get("text"), (str,), f"{param}.text", "a string")}
+    if kind == "input_image":
+        url = part.get("image_url")
+        if not isinstance(url, str) or not url:
+            raise bad_request(f"`{param}` needs `image_url` (an http(s) or data: URL); images by `file_id` are not supported", f"{param}.image_url")
+        detail = part.get("detail") or "auto"
+        return {"type": "image_url", "image_url": {"url": url, "detail": detail}}
+    raise bad_request(f"unsupported content part type {kind!r} in `{param}`; user, system and developer messages take input_text and input_image", f"{param}.type")
+
+
+def _token_bundle(item: dict, param: str) -> dict | None:
+    present = [key for key in TOKEN_FIELDS if item.get(key) is not None]
+    if not present:
+        return None
+    if len(present) != len(TOKEN_FIELDS):
+        missing = sorted(set(TOKEN_FIELDS) - set(present))
+        raise bad_request(f"`{param}` carries {', '.join(present)} but not {', '.join(missing)}; send all three token fields or none", f"{param}.{missing[0]}")
+    for key in ("prompt_token_ids", "generation_token_ids"):
+        values = item[key]
+        if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+            raise bad_request(f"`{param}.{key}` must be a list of integers", f"{param}.{key}")
+    log_probs = item["generation_log_probs"]
+    if not isinstance(log_probs, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in log_probs):
+        raise bad_request(f"`{param}.generation_log_probs` must be a list of numbers", f"{param}.generation_log_probs")
+    if len(log_probs) != len(item["generation_token_ids"]):
+        raise bad_request(f"`{param}`: generation_token_ids and generation_log_probs differ in length", f"{param}.generation_log_probs")
+    return {key: item[key] for key in TOKEN_FIELDS}
+
+
+def _input_items_to_messages(items: list, keep_token_ids: bool) -> list[dict]:
+    """Turns Responses input items into chat messages, merging consecutive assistant-side items."""
+    messages: list[dict] = []
+    turn: dict | None = None  # the assistant message being built from consecutive assistant-side items
+
+    def assistant_turn() -> dict:
+        nonlocal turn
+        if turn is None:
+            turn = {"content": [], "refusal": [], "tool_calls": [], "tokens": None}
+        return turn
+
+    def flush() -> None:
+        nonlocal turn
+        if turn is None:
+            return
+        message: dict = {"role": "assistant", "content": "".join(turn["content"]) or None}
+        if turn["tool_calls"]:
+            message["tool_calls"] = turn["tool_calls"]
+        if turn["refusal"]:
+            message["refusal"] = "".join(turn["refusal"])
+        if turn["tokens"]:
+            message.update(turn["tokens"])
+        messages.append(message)
+        turn = None
+
+    for i, item in enumerate(items):
+        param = f"input[{i}]"
+        _check_type(item, (dict,), param, "an object")
+        kind = item.get("type", "message" if "role" in item else None)
+        tokens = _token_bundle(item, param) if keep_token_ids else None
+        if tokens and not (kind in ("function_call", "reasoning") or (kind == "message" and item.get("role") == "assistant")):
+            raise bad_request(f"`{param}` carries token IDs, but only assistant-side items (assistant messages, reasoning, function calls) may", f"{param}.prompt_token_ids")
+
+        if kind == "message":
+            role = item.get("role")
+            content = item.get("content")
+            if content is None:
+                raise bad_request(f"`{param}.content` is required", f"{param}.content")
+            if role == "assistant":
+                current = assistant_turn()
+                if isinstance(content, str):
+                    current["content"].append(content)
+                else:
+                    _check_type(content, (list,), f"{param}.content", "a string or a list of content parts")
+                    for j, part in enumerate(content):
+                        _check_type(part, (dict,), f"{param}.content[{j}]", "an object")
+                        if part.get("type") == "refusal":
+                            current["refusal"].append(_check_type(part.get("refusal", ""), (str,), f"{param}.content[{j}].refusal", "a string"))
+                        else:
+                            current["content"].append(_text_of_parts([part], f"{param}.content[{j}:]", ("output_text", "input_text", "text")))
+                for j, call in enumerate(item.get("tool_calls") or []):  # a chat-shaped assistant message
+                    _check_type(call, (dict,), f"{param}.tool_calls[{j}]", "an object")
+                    current["tool_calls"].append(call)
+            elif role in ("user", "system", "developer"):
+                flush()
+                if isinstance(content, str):
+                    messages.append({"role": role, "content": content})
+                else:
+                    _check_type(content, (list,), f"{param}.content", "a string or a list of content parts")
+                    parts = [_input_part_to_chat(part, f"{param}.content[{j}]") for j, part in enumerate(content)]
+                    messages.append({"role": role, "content": parts})
+            elif role == "tool":  # a chat-shaped tool result
+                flush()
+                call_id = _check_type(item.get("tool_call_id"), (str,), f"{param}.tool_call_id", "a string")
+                messages.append({"role": "tool", "tool_call_id": call_id, "content": content})
+            else:
+                raise bad_request(f"`{param}.role` must be one of user, system, developer, assistant; got {role!r}", f"{param}.role")
+        elif kind == "reasoning":
+            blocks = [s.get("text", "") for s in item.get("summary") or [] if isinstance(s, dict)]
+            if not any(blocks):  # items from other servers may carry the text only as content parts
+                blocks = [c.get("text", "") for c in item.get("content") or [] if isinstance(c, dict)]
+            for j, text in enumerate(blocks):
+                _check_type(text, (str,), f"{param}.summary[{j}].text", "a string")
+            assistant_turn()["content"].extend(f"<think>{text}</think>" for text in blocks if text)
+        elif kind == "function_call":
+            call_id = item.get("call_id")
+            name = item.get("name")
+            arguments = item.get("arguments", "")
+            if not isinstance(call_id, str) or not call_id:
+                raise bad_request(f"`{param}.call_id` is required and must be a string", f"{param}.call_id")
+            _check_type(name, (str,), f"{param}.name", "a string")
+            _check_type(arguments, (str,), f"{param}.arguments", "a JSON string")
+            assistant_turn()["tool_calls"].append({"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}})
+        elif kind == "function_call_output":
+            flush()
+            call_id = item.get("call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise bad_request(f"`{param}.call_id` is required and must be a string", f"{param}.call_id")
+            output = item.get("output")
+            if isinstance(output, list):
+                output = [{"type": "text", "text": _text_of_parts([part], f"{param}.output[{j}:]", ("input_text", "text"))} for j, part in enumerate(output)]
+            elif not isinstance(output, str):
+                raise bad_request(f"`{param}.output` must be a string or a list of input_text parts", f"{param}.output")
+            messages.append({"role": "tool", "tool_call_id": call_id, "content": output})
+        elif kind is None:
+            raise bad_request(f"`{param}` needs a `type` (message, function_call, function_call_output, reasoning)", f"{param}.type")
+        else:
+            raise bad_request(f"unsupported input item type {kind!r} in `{param}`; this server takes message, function_call, function_call_output and reasoning items", f"{param}.type")
+        if tokens:
+            assistant_turn()["tokens"] = tokens  # the last bundle of an assistant turn wins
+    flush()
+    return messages
+
+
+def _fold_instructions(instructions: str | None, messages: list[dict]) -> list[dict]:
+    """`instructions` becomes one system message, joined with the leading run of system/developer text messages."""
+    if instructions is None:
+        return messages
+    texts = [instructions]
+    start = 0
+    while start < len(messages) and messages[start]["role"] in ("system", "developer"):
+        content = messages[start]["content"]
+        if isinstance(content, list):
+            if any(part.get("type") != "text" for part in content):
+                break
+            content = "".join(part["text"] for part in content)
+        texts.append(content)
+        start += 1
+    return [{"role": "system", "content": "\n\n".join(texts)}] + messages[start:]
+
+
+def _tools_to_chat(tools: Any) -> list[dict]:
+    _check_type(tools, (list,), "tools", "a list")
+    chat_tools = []
+    for i, tool in enumerate(tools):
+        _check_type(tool, (dict,), f"tools[{i}]", "an object")
+        if tool.get("type") != "function":
+            raise bad_request(f"unsupported tool type {tool.get('type')!r} in `tools[{i}]`; only function tools are supported", f"tools[{i}].type")
+        if isinstance(tool.get("function"), dict):  # already chat-shaped
+            chat_tools.append({"type": "function", "function": tool["function"]})
+            continue
+        name = tool.get("name")
+        if not isinstance(name, str) or not name:
+            raise bad_request(f"`tools[{i}].name` is required", f"tools[{i}].name")
+        function = {"name": name}
+        if tool.get("description") is not None:
+            function["description"] = _check_type(tool["description"], (str,), f"tools[{i}].description", "a string")
+        if tool.get("parameters") is not None:
+            function["parameters"] = _check_type(tool["parameters"], (dict,), f"tools[{i}].parameters", "a JSON schema object")
+        chat_tools.append({"type": "function", "function": function})
+    return chat_tools
+
+
+def _tool_choice_to_chat(choice: Any, tool_names: set[str]) -> str | dict:
+    if isinstance(choice, str):
+        if choice not in ("none", "auto", "required"):
+            raise bad_request(f"`tool_choice` must be none, auto, required or {{type: function, name}}; got {choice!r}", "tool_choice")
+        if choice == "required" and not tool_names:
+            raise bad_request("`tool_choice: required` needs at least one tool in `tools`", "tool_choice")
+        return choice
+    if isinstance(choice, dict) and choice.get("type") == "function":
+        name = choice.get("name") or (choice.get("function") or {}).get("name")
+        if name not in tool_names:
+            raise bad_request(f"`tool_choice` names function {name!r}, which is not in `tools`", "tool_choice")
+        return {"type": "function", "function": {"name": name}}
+    raise bad_request("`tool_choice` must be none, auto, required or {type: function, name}; other forms are not supported", "tool_choice")
+
+
+def _text_format_to_chat(text: Any) -> dict | None:
+    _check_type(text, (dict,), "text", "an object")
+    fmt = text.get("format")
+    if fmt is None:
+        return None
+    _check_type(fmt, (dict,), "text.format", "an object")
+    kind = fmt.get("type")
+    if kind == "text":
+        return None
+    if kind == "json_object":
+        return {"type": "json_object"}
+    if kind == "json_schema":
+        if not isinstance(fmt.get("name"), str) or not isinstance(fmt.get("schema"), dict):
+            raise bad_request("`text.format` of type json_schema needs `name` (a string) and `schema` (an object)", "text.format")
+        schema = {"name": fmt["name"], "schema": fmt["schema"]}
+        for key in ("strict", "description"):
+            if fmt.get(key) is not None:
+                schema[key] = fmt[key]
+        return {"type": "json_schema", "json_schema": schema}
+    raise bad_request(f"`text.format.type` must be text, json_object or json_schema; got {kind!r}", "text.format.type")
+
+
+def _check_unsupported(request: dict) -> None:
+    for field, why in _UNSUPPORTED_FIELDS.items():
+        if request.get(field) not in (None, False):
+            raise bad_request(f"`{field}` is not supported: {why}", field)
+    if request.get("stream"):
+        raise bad_request("`stream: true` is not supported yet; send the request without `stream`", "stream")
+    if request.get("truncation") not in (None, "disabled"):
+        raise bad_request("`truncation` must be disabled: this server never drops input items", "truncation")
+    include = request.get("include") or []
+    _check_type(include, (list,), "include", "a list")
+    for entry in include:
+        if entry not in _SUPPORTED_INCLUDES:
+            raise bad_request(f"`include` value {entry!r} is not supported; supported: {', '.join(sorted(_SUPPORTED_INCLUDES))}", "include")
+    if request.get("n", 1) != 1:
+        raise bad_request("`n` must be 1: a Response holds one completion", "n")
+
+
+def responses_request_to_chat(request: dict, config: ServerConfig) -> dict:
+    """Converts a `/v1/responses` request into the Chat Completions body sent to vLLM.
+
+    Unknown top-level fields (vLLM sampling extensions such as `seed`, `top_k`, `structured_outputs`)
+    are forwarded unchanged; fields we cannot honour are a 400 naming the field.
+    """
+    _check_type(request, (dict,), "body", "a JSON object")
+    _check_unsupported(request)
+    if "input" not in request:
+        raise bad_request("`input` is required: a string or a list of input items", "input")
+    source = request["input"]
+    if isinstance(source, str):
+        items = [{"type": "message", "role": "user", "content": source}]
+    else:
+        items = _check_type(source, (list,), "input", "a string or a list of input items")
+    instructions = request.get("instructions")
+    if instructions is not None:
+        _check_type(instructions, (str,), "instructions", "a string")
+    messages = _fold_instructions(instructions, _input_items_to_messages(items, config.return_token_id_information))
+    if not messages:
+        raise bad_request("`input` is empty: give at least one input item", "input")
+
+    chat: dict = {"messages": messages}
+    handled = {"input", "instructions", "tools", "tool_choice", "parallel_tool_calls", "max_output_tokens", "text",
+               "reasoning", "top_logprobs", "stream", "n", *_ECHO_ONLY_FIELDS, *_UNSUPPORTED_FIELDS}
+    for key, value in request.items():
+        if key not in handled and value is not None:
+            chat[key] = value  # temperature, top_p, user and vLLM extensions pass through by name
+
+    tools = _tools_to_chat(request["tools"]) if request.get("tools") else []
+    if tools:
+        chat["tools"] = tools
+    tool_names = {tool["function"].get("name") for tool in tools}
+    if request.get("tool_choice") is not None:
+        choice = _tool_choice_to_chat(request["tool_choice"], tool_names)
+        if tools:
+            chat["tool_choice"] = choice
+    if request.get("parallel_tool_calls") is not None:
+        _check_type(request["parallel_tool_calls"], (bool,), "parallel_tool_calls", "true or false")
+        if tools:
+            chat["parallel_tool_calls"] = request["parallel_tool_calls"]
+    if request.get("max_output_tokens") is not None:
+        max_tokens = _check_type(request["max_output_tokens"], (int,), "max_output_tokens", "an integer")
+        if max_tokens < 1:
+            raise bad_request("`max_output_tokens` must be at least 1", "max_output_tokens")
+        chat["max_tokens"] = max_tokens
+    for key in ("temperature", "top_p"):
+        if key in chat:
+            _check_type(chat[key], (int, float), key, "a number")
+    if request.get("top_logprobs") is not None:
+        top = _check_type(request["top_logprobs"], (int,), "top_logprobs", "an integer from 0 to 20")
+        if not 0 <= top <= 20:
+            raise bad_request("`top_logprobs` must be between 0 and 20", "top_logprobs")
+        chat["logprobs"] = True
+        chat["top_logprobs"] = top
+    if request.get("text") is not None:
+        response_format = _text_format_to_chat(request["text"])
+        if response_format:
+            chat["response_format"] = response_format
+        if request["text"].get("verbosity") is not None:
+            chat["verbosity"] = request["text"]["verbosity"]
+    if request.get("reasoning") is not None:
+        reasoning = _check_type(request["reasoning"], (dict,), "reasoning", "an object")
+        unknown = sorted(set(reasoning) - _REASONING_KEYS)
+        if unknown:
+            raise bad_request(f"`reasoning.{unknown[0]}` is not supported; supported: effort, summary", f"reasoning.{unknown[0]}")
+        if reasoning.get("effort") is not None:
+            chat["reasoning_effort"] = reasoning["effort"]
+    if request.get("metadata") is not None:
+        _check_type(request["metadata"], (dict,), "metadata", "an object of string values")
+    return prepare_chat_request(chat, config, metadata=request.get("metadata"))
+
+
+# --- chat-side preparation, shared by /v1/responses and /v1/chat/completions ---------------------
+
+THINK_BLOCK = re.compile(r"<think>(.*?)</think>", re.DOTALL)
+
+
+def split_think_blocks(text: str) -> tuple[list[str], str]:
+    """Every `<think>...</think>` block anywhere becomes reasoning; unterminated or stray tags stay text.
+
+    Whitespace outside the blocks is kept exactly (no trimming), matching the reference parser.
+    """
+    if "<think>" not in text:
+        return [], text
+    return THINK_BLOCK.findall(text), THINK_BLOCK.sub("", text)
+
+
+def _move_history_reasoning(message: dict) -> dict:
+    """Assistant history: `<think>` blocks leave `content` for the reasoning fields chat templates read.
+
+    Every block is kept (joined by a blank line); the reference forwards only the first one.
+    """
+    content = message.get("content")
+    blocks: list[str] = []
+    if isinstance(content, str):
+        blocks, content = split_think_blocks(content)
+    elif isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                found, text = split_think_blocks(part["text"])
+                blocks += found
+                part = {**part, "text": text}
+            parts.append(part)
+        content = parts
+    if not blocks:
+        return message
+    existing = message.get("reasoning_content") or message.get("reasoning")
+    reasoning = "\n\n".join(([existing] if existing else []) + blocks)
+    return {**message, "content": content, "reasoning_content": reasoning, "reasoning": reasoning}
+
+
+def _json_metadata(metadata: dict | None, key: str) -> dict:
+    """NeMo Gym's per-request overrides: `metadata.<key>` holds a JSON object as a string."""
+    raw = (metadata or {}).get(key)
+    if raw is None:
+        return {}
+    try:
+        value = json.loads(raw) if isinstance(raw, str) else raw
+    except ValueError:
+        raise bad_request(f"`metadata.{key}` must be a JSON object encoded as a string", f"metadata.{key}") from None
+    if not isinstance(value, dict):
+        raise bad_request(f"`metadata.{key}` must be a JSON object encoded as a string", f"metadata.{key}")
+    return value
+
+
+def prepare_chat_request(chat: dict, config: ServerConfig, metadata: dict | None = None) -> dict:
+    """Applies the server config to a Chat Completions body: the one place both endpoints share.
+
+    Model name, developer->system, chat_template_kwargs (config < request < metadata), extra_body
+    (request fields win), reasoning history, and the token-ID parameters for training.
+    """
+    messages = chat.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise bad_request("`messages` is required: a non-empty list of chat messages", "messages")
+    for i, message in enumerate(messages):
+        if not isinstance(message, dict) or not isinstance(message.get("role"), str):
+            raise bad_request(f"`messages[{i}]` must be an object with a `role`", f"messages[{i}]")
+    if chat.get("stream"):
+        raise bad_request("`stream: true` is not supported yet; send the request without `stream`", "stream")
+    if config.replace_developer_role_with_system:
+        messages = [{**m, "role": "system"} if m["role"] == "developer" else m for m in messages]
+    if config.uses_reasoning_parser:
+        messages = [_move_history_reasoning(m) if m["role"] == "assistant" else m for m in messages]
+
+    extra = {k: v for k, v in {**(config.extra_body or {}), **_json_metadata(metadata, "extra_body")}.items() if v is not None}
+    body = {**extra, **chat, "messages": messages, "model": config.model}
+
+    request_kwargs = chat.get("chat_template_kwargs")
+    if request_kwargs is not None:
+        _check_type(request_kwargs, (dict,), "chat_template_kwargs", "an object")
+    template_kwargs = {**(config.chat_template_kwargs or {}), **(extra.get("chat_template_kwargs") or {}),
+                       **(request_kwargs or {}), **_json_metadata(metadata, "chat_template_kwargs")}
+    if template_kwargs:
+        body["chat_template_kwargs"] = template_kwargs
+
+    if config.return_token_id_information:
+        if body.get("n", 1) != 1:
+            raise bad_request("`n` must be 1 when the server returns token IDs for training", "n")
+        body["logprobs"] = True
+        body["top_logprobs"] = body.get("top_logprobs") or 0
+        body["return_tokens_as_token_ids"] = True
+        body["return_token_ids"] = True
+    return body
+
+
+# ============================================================================================
+# Response conversion (pure): Chat Completions response -> Responses object, token IDs.
+# ============================================================================================
+
+
+def _new_id(prefix: str) -> str:
+    return f"{prefix}_{uuid.uuid4().hex}"
+
+
+def _first_choice(chat: Any) -> dict:
+    choices = chat.get("choices") if isinstance(chat, dict) else None
+    if not choices or not isinstance(choices[0], dict):
+        raise upstream_error("vLLM returned a chat completion without choices")
+    return choices[0]
+
+
+def _reasoning_from_upstream(message: dict, config: ServerConfig) -> str | None:
+    reasoning = message.get("reasoning_content") or message.get("reasoning")
+    if reasoning and not config.uses_reasoning_parser:
+        raise upstream_error(
+            f"vLLM returned a separate reasoning field, but server `{config.name}` has `uses_reasoning_parser: false` "
+            f"({config.source}): remove `--reasoning-parser` from vllm serve, or set `uses_reasoning_parser: true`",
+            code="reasoning_parser_mismatch",
+        )
+    return reasoning or None
+
+
+def extract_token_info(chat: dict) -> dict:
+    """The training bundle of a chat completion: prompt ids, generated ids and their log probs.
+
+    Sources, in order: a complete bundle on the message (NeMo RL's patched vLLM), else vLLM's
+    `return_token_ids` fields checked against `token_id:<n>` logprob tokens. Anything partial or
+    inconsistent is a 502: training on misaligned tokens silently corrupts a run.
+    """
+    choice = _first_choice(chat)
+    message = choice.get("message") or {}
+    if all(message.get(key) is not None for key in TOKEN_FIELDS):
+        bundle = {key: message[key] for key in TOKEN_FIELDS}
+    else:
+        content = (choice.get("logprobs") or {}).get("content")
+        if content is None:
+            raise upstream_error("vLLM returned no logprobs although the server asked for them; is this a vLLM OpenAI server?", code="token_ids_missing")
+        log_probs = [entry.get("logprob") for entry in content]
+        tokens = [entry.get("token") for entry in content]
+        from_logprobs = None
+        if all(isinstance(t, str) and t.startswith("token_id:") for t in tokens):
+            from_logprobs = [int(t[len("token_id:"):]) for t in tokens]
+        generated = choice.get("token_ids")
+        if generated is None:
+            generated = from_logprobs
+        elif from_logprobs is not None and list(generated) != from_logprobs:
+            raise upstream_error("vLLM's token_ids disagree with its logprob tokens", code="token_ids_mismatch")
+        if generated is None:
+            raise upstream_error("vLLM returned neither token_ids nor token_id:<n> logprob tokens; upgrade vLLM", code="token_ids_missing")
+        prompt = chat.get("prompt_token_ids")
+        if prompt is None:
+            raise upstream_error("vLLM returned no prompt_token_ids", code="token_ids_missing")
+        bundle = {"prompt_token_ids": list(prompt), "generation_token_ids": list(generated), "generation_log_probs": log_probs}
+    if len(bundle["generation_token_ids"]) != len(bundle["generation_log_probs"]):
+        raise upstream_error(
+            f"vLLM returned {len(bundle['generation_token_ids'])} generated token ids but "
+            f"{len(bundle['generation_log_probs'])} log probs", code="token_ids_mismatch")
+    return bundle
+
+
+def _usage_to_responses(usage: dict | None) -> dict | None:
+    if not usage:
+        return None
+    prompt = usage.get("prompt_tokens") or 0
+    completion = usage.get("completion_tokens") or 0
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    reasoning = (usage.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0
+    return {
+        "input_tokens": prompt,
+        "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
+        "output_tokens": completion,
+        "output_tokens_details": {"reasoning_tokens": reasoning},
+        "total_tokens": usage.get("total_tokens") or prompt + completion,
+    }
+
+
+def _response_envelope(request: dict, config: ServerConfig, created: float, output: list, status: str,
+                       incomplete_reason: str | None, usage: dict | None) -> dict:
+    """The Response object around `output`: every field strict SDK clients require, request params echoed."""
+    return {
+        "id": _new_id("resp"),
+        "object": "response",
+        "created_at": float(created),
+        "model": config.model,
+        "status": status,
+        "error": None,
+        "incomplete_details": {"reason": incomplete_reason} if incomplete_reason else None,
+        "instructions": request.get("instructions"),
+        "metadata": request.get("metadata"),
+        "output": output,
+        "parallel_tool_calls": request.get("parallel_tool_calls") is not False,
+        "tool_choice": request.get("tool_choice") or "auto",
+        "tools": request.get("tools") or [],
+        "temperature": request.get("temperature"),
+        "top_p": request.get("top_p"),
+        "max_output_tokens": request.get("max_output_tokens"),
+        "top_logprobs": request.get("top_logprobs"),
+        "reasoning": request.get("reasoning"),
+        "text": request.get("text") or {"format": {"type": "text"}},
+        "truncation": request.get("truncation") or "disabled",
+        "user": request.get("user"),
+        "store": False,
+        "background": False,
+        "previous_response_id": None,
+        "usage": usage,
+    }
+
+
+def _message_item(text: str, refusal: str | None, status: str, logprobs: list | None) -> dict:
+    content: list[dict] = [{"type": "output_text", "text": text, "annotations": [], "logprobs": logprobs or []}]
+    if refusal:
+        content.append({"type": "refusal", "refusal": refusal})
+    return {"id": _new_id("msg"), "type": "message", "role": "assistant", "status": status, "content": content}
+
+
+def _output_logprobs(choice: dict) -> list:
+    entries = (choice.get("logprobs") or {}).get("content") or []
+    return [
+        {"token": e.get("token", ""), "bytes": e.get("bytes") or [], "logprob": e.get("logprob", 0.0),
+         "top_logprobs": [{"token": t.get("token", ""), "bytes": t.get("bytes") or [], "logprob": t.get("logprob", 0.0)}
+                          for t in e.get("top_logprobs") or []]}
+        for e in entries
+    ]
+
+
+def chat_response_to_responses(chat: dict, request: dict, config: ServerConfig) -> dict:
+    """Converts vLLM's chat completion into a Response: reasoning item, message item, function calls."""
+    choice = _first_choice(chat)
+    message = choice.get("message") or {}
+    upstream_reasoning = _reasoning_from_upstream(message, config)
+    text = message.get("content") or ""
+    blocks: list[str] = []
+    if config.uses_reasoning_parser:
+        blocks, text = split_think_blocks(text)
+        if upstream_reasoning:
+            blocks.insert(0, upstream_reasoning)
+    finish_reason = choice.get("finish_reason")
+    incomplete_reason = {"length": "max_output_tokens", "content_filter": "content_filter"}.get(finish_reason)
+    status = "incomplete" if incomplete_reason else "completed"
+
+    output: list[dict] = []
+    if blocks:
+        output.append({
+            "id": _new_id("rs"), "type": "reasoning", "status": "completed", "encrypted_content": None,
+            "summary": [{"type": "summary_text", "text": block} for block in blocks],
+            "content": [{"type": "reasoning_text", "text": block} for block in blocks],
+        })
+    tool_calls = message.get("tool_calls") or []
+    if text or message.get("refusal") or (not blocks and not tool_calls):
+        logprobs = _output_logprobs(choice) if request.get("top_logprobs") else None
+        output.append(_message_item(text, message.get("refusal"), "incomplete" if incomplete_reason else "completed", logprobs))
+    for call in tool_calls:
+        function = call.get("function") or {}
+        output.append({
+            "id": _new_id("fc"), "type": "function_call", "status": "completed",
+            "call_id": call.get("id") or _new_id("call"),
+            "name": function.get("name", ""), "arguments": function.get("arguments") or "",
+        })
+    if config.return_token_id_information:
+        output[-1].update(extract_token_info(chat))
+    return _response_envelope(request, config, chat.get("created") or time.time(), output, status,
+                              incomplete_reason, _usage_to_responses(chat.get("usage")))
+
+
+def chat_response_for_client(chat: dict, request: dict, config: ServerConfig) -> dict:
+    """Post-processes vLLM's chat completion for `/v1/chat/completions` clients.
+
+    Upstream reasoning fields are re-wrapped as `<think>` in `content` (reference parity); token IDs
+    move onto the message; the raw vLLM token fields are removed unless the client asked for them.
+    """
+    choice = _first_choice(chat)
+    message = choice.get("message") or {}
+    reasoning = _reasoning_from_upstream(message, config)
+    if reasoning:
+        message = {k: v for k, v in message.items() if k not in ("reasoning", "reasoning_content")}
+        message["content"] = f"<think>{reasoning}</think>{message.get('content') or ''}"
+    if config.return_token_id_information:
+        message = {**message, **extract_token_info(chat)}
+        chat = {k: v for k, v in chat.items() if k != "prompt_token_ids"}
+        choice = {k: v for k, v in choice.items() if k != "token_ids"}
+        if not request.get("logprobs"):
+            choice["logprobs"] = None
+    choice = {**choice, "message": message}
+    return {**chat, "model": config.model, "choices": [choice, *chat["choices"][1:]]}
+
+
+# vLLM's wordings for "the prompt or max_tokens does not fit the context" (vllm-cpu.md §4d, vllm-h100.md).
+_CONTEXT_OVERFLOW = re.compile(
+    r"maximum context length is \d+|max_(?:completion_)?tokens=\d+ cannot be greater than max_model_len"
+    r"|is too long to fit into the model",
+    re.IGNORECASE,
+)
+
+
+def is_context_overflow(status: int, message: str) -> bool:
+    return status == 400 and bool(_CONTEXT_OVERFLOW.search(message))
+
+
+def context_overflow_response(request: dict, config: ServerConfig) -> dict:
+    """The reply to a prompt that does not fit: incomplete, reason max_output_tokens, an empty message."""
+    output = [_message_item("", None, "incomplete", None)]
+    return _response_envelope(request, config, time.time(), output, "incomplete", "max_output_tokens", None)
+
+
+def context_overflow_chat_response(config: ServerConfig) -> dict:
+    return {
+        "id": _new_id("chatcmpl"), "object": "chat.completion", "created": int(time.time()), "model": config.model,
+        "choices": [{"index": 0, "message": {"role": "assistant", "content": None}, "finish_reason": "length", "logprobs": None}],
+        "usage": None,
+    }
+
+
+# ============================================================================================
+# Backends: round-robin over base_urls with a bounded session-affinity table.
+# ============================================================================================
+
+
+class SessionTable:
+    """session id -> upstream index; LRU-bounded, idle entries expire. O(1) per lookup."""
+
+    def __init__(self, max_entries: int, idle_timeout_s: float, clock=time.monotonic) -> None:
+        self._entries: collections.OrderedDict[str, list] = collections.OrderedDict()  # id -> [index, last_seen]
+        self.max_entries = max_entries
+        self.idle_timeout_s = idle_timeout_s
+        self._clock = clock
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, session_id: str) -> int | None:
+        entry = self._entries.get(session_id)
+        if entry is None:
+            return None
+        now = self._clock()
+        if now - entry[1] > self.idle_timeout_s:
+            del self._entries[session_id]
+            return None
+        entry[1] = now
+        self._entries.move_to_end(session_id)
+        return entry[0]
+
+    def set(self, session_id: str, index: int) -> None:
+        now = self._clock()
+        self._entries[session_id] = [index, now]
+        self._entries.move_to_end(session_id)
+        # The oldest entries sit at the front: drop what is over the bound or idle for too long.
+        while len(self._entries) > self.max_entries:
+            self._entries.popitem(last=False)
+        while self._entries:
+            oldest = next(iter(self._entries.values()))
+            if now - oldest[1] <= self.idle_timeout_s:
+                break
+            self._entries.popitem(last=False)
+
+
+@dataclasses.dataclass(frozen=True)
+class Upstream:
+    """One vLLM OpenAI server, addressed by its base URL (ending in /v1 by convention)."""
+
+    base_url: str
+
+    @property
+    def chat_url(self) -> str:
+        return f"{self.base_url}/chat/completions"
+
+    @property
+    def root_url(self) -> str:  # /health and /tokenize live at the server root, not under /v1
+        return self.base_url[: -len("/v1")] if self.base_url.endswith("/v1") else self.base_url
+
+
+class Balancer:
+    """New sessions go round-robin; a known session keeps its upstream."""
+
+    def __init__(self, base_urls: Sequence[str], table: SessionTable) -> None:
+        self.upstreams = [Upstream(url) for url in base_urls]
+        self.sessions = table
+        self._next = 0
+
+    def upstream_for(self, session_id: str | None) -> Upstream:
+        if len(self.upstreams) == 1:
+            return self.upstreams[0]
+        index = self.sessions.get(session_id) if session_id else None
+        if index is None:
+            index = self._next
+            self._next = (self._next + 1) % len(self.upstreams)
+            if session_id:
+                self.sessions.set(session_id, index)
+        return self.upstreams[index]
+
+
+# ============================================================================================
+# HTTP: aiohttp handlers; every failure leaves as OpenAI error JSON.
+# ============================================================================================
+
+CONFIG_KEY = web.AppKey("config", ServerConfig)
+BALANCER_KEY = web.AppKey("balancer", Balancer)
+CLIENT_KEY = web.AppKey("client", aiohttp.ClientSession)
+STARTED_KEY = web.AppKey("started_at", float)
+SESSION_HEADER = "X-Session-ID"
+
+
+def _dumps(value: Any) -> str:
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
+def _json_response(body: Any, status: int = 200) -> web.Response:
+    return web.Response(text=_dumps(body), status=status, content_type="application/json")
+
+
+async def _read_json_object(request: web.Request) -> dict:
+    raw = await request.read()  # over client_max_size -> HTTPRequestEntityTooLarge, rendered by the middleware
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise bad_request(f"request body is not valid JSON: {exc}") from None
+    if not isinstance(body, dict):
+        raise bad_request("request body must be a JSON object")
+    return body
+
+
+def _cookie_name(config: ServerConfig) -> str:
+    return f"gym_vllm_{re.sub(r'[^A-Za-z0-9_]', '_', config.name)}"
+
+
+def _session_of(request: web.Request, config: ServerConfig) -> tuple[str, str | None]:
+    """(session id, cookie value to set): `X-Session-ID` wins, then the server's cookie, else a new session."""
+    header = request.headers.get(SESSION_HEADER)
+    if header:
+        return header, None
+    cookie = request.cookies.get(_cookie_name(config))
+    if cookie:
+        return cookie, None
+    new = uuid.uuid4().hex
+    return new, new
+
+
+async def _post_upstream(request: web.Request, url: str, payload: dict) -> tuple[int, Any]:
+    """POSTs JSON to vLLM; returns (status, parsed body) or raises a 502/504 ApiError."""
+    app = request.app
+    config = app[CONFIG_KEY]
+    headers = {"Authorization": f"Bearer {config.api_key}", "Content-Type": "application/json"}
+    try:
+        async with app[CLIENT_KEY].post(url, data=_dumps(payload).encode(), headers=headers) as response:
+            raw = await response.read()
+            status = response.status
+    except asyncio.TimeoutError:
+        raise upstream_error(f"vLLM at {url} did not answer within the server's timeouts (connect_timeout_s="
+                             f"{config.connect_timeout_s}, request_timeout_s={config.request_timeout_s})",
+                             code="upstream_timeout", status=504) from None
+    except aiohttp.ClientError as exc:
+        raise upstream_error(f"cannot reach vLLM at {url}: {exc.__class__.__name__}: {exc}", code="upstream_unreachable") from None
+    try:
+        body = json.loads(raw) if raw else None
+    except (ValueError, UnicodeDecodeError):
+        body = None
+    if status == 200:
+        if not isinstance(body, dict):
+            raise upstream_error(f"vLLM at {url} answered 200 with a body that is not a JSON object")
+        return status, body
+    return status, body if body is not None else raw[:500].decode("utf-8", "replace")
+
+
+def _upstream_failure(config: ServerConfig, url: str, status: int, body: Any) -> ApiError:
+    """Maps an upstream non-200 to the client's error: 4xx keep status and message, the rest are 502."""
+    error = body.get("error") if isinstance(body, dict) else None
+    if isinstance(error, dict):
+        message = str(error.get("message") or error)
+    elif isinstance(body, dict):
+        message = str(body.get("message") or body.get("detail") or error or body)
+    else:
+        message = str(body)
+    if status in (401, 403):
+        return upstream_error(f"vLLM at {url} rejected the api_key of server `{config.name}` ({config.source}); "
+                              f"set `api_key` to the key vllm serve was started with", code="upstream_auth_failed")
+    if 400 <= status < 500:
+        param = error.get("param") if isinstance(error, dict) else None
+        return ApiError(status, message, param=param if isinstance(param, str) else None, code="upstream_rejected")
+    return upstream_error(f"vLLM at {url} failed with HTTP {status}: {message}")
+
+
+async def _chat_upstream(request: web.Request, chat_body: dict) -> tuple[dict | None, str | None]:
+    """Sends a chat body to the session's upstream: (completion, None), or (None, message) on context overflow."""
+    config = request.app[CONFIG_KEY]
+    session_id, _ = request["session"]
+    upstream = request.app[BALANCER_KEY].upstream_for(session_id)
+    status, body = await _post_upstream(request, upstream.chat_url, chat_body)
+    if status != 200:
+        failure = _upstream_failure(config, upstream.chat_url, status, body)
+        if is_context_overflow(status, failure.message) and not config.propagate_context_overflow_errors:
+            log.warning("server %s: context length exceeded, answering an empty incomplete reply: %s", config.name, failure.message)
+            return None, failure.message
+        raise failure
+    if config.return_token_id_information and body.get("prompt_token_ids") is None and body.get("choices"):
+        body["prompt_token_ids"] = await _tokenize(request, upstream, chat_body)
+    return body, None
+
+
+async def _tokenize(request: web.Request, upstream: Upstream, chat_body: dict) -> list[int]:
+    """Fallback for vLLM builds that ignore `return_token_ids`: one /tokenize call for the prompt ids."""
+    payload = {k: chat_body[k] for k in ("model", "messages", "tools", "chat_template_kwargs") if k in chat_body}
+    url = f"{upstream.root_url}/tokenize"
+    status, body = await _post_upstream(request, url, payload)
+    if status != 200 or not isinstance(body.get("tokens"), list):
+        raise upstream_error(f"vLLM returned no prompt_token_ids and {url} failed (HTTP {status})", code="token_ids_missing")
+    return body["tokens"]
+
+
+async def handle_responses(request: web.Request) -> web.Response:
+    config = request.app[CONFIG_KEY]
+    body = await _read_json_object(request)
+    chat_body = responses_request_to_chat(body, config)
+    chat, overflow = await _chat_upstream(request, chat_body)
+    if chat is None:
+        return _json_response(context_overflow_response(body, config))
+    return _json_response(chat_response_to_responses(chat, body, config))
+
+
+async def handle_chat_completions(request: web.Request) -> web.Response:
+    config = request.app[CONFIG_KEY]
+    body = await _read_json_object(request)
+    chat_body = prepare_chat_request(body, config, metadata=body.get("metadata") if isinstance(body.get("metadata"), dict) else None)
+    chat, overflow = await _chat_upstream(request, chat_body)
+    if chat is None:
+        return _json_response(context_overflow_chat_response(config))
+    return _json_response(chat_response_for_client(chat, body, config))
+
+
+async def handle_models(request: web.Request) -> web.Response:
+    config = request.app[CONFIG_KEY]
+    model = {"id": config.model, "object": "model", "created": int(request.app[STARTED_KEY]), "owned_by": "gym_vllm"}
+    return _json_response({"object": "list", "data": [model]})
+
+
+async def _probe(client: aiohttp.ClientSession, upstream: Upstream) -> dict:
+    try:
+        async with client.get(f"{upstream.root_url}/health", timeout=aiohttp.ClientTimeout(total=2)) as response:
+            healthy = response.status == 200
+            return {"base_url": upstream.base_url, "healthy": healthy, **({} if healthy else {"error": f"HTTP {response.status}"})}
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        return {"base_url": upstream.base_url, "healthy": False, "error": exc.__class__.__name__}
+
+
+async def handle_health(request: web.Request) -> web.Response:
+    """Liveness of the proxy (always 200 while it serves) and the live state of each upstream."""
+    app = request.app
+    upstreams = await asyncio.gather(*(_probe(app[CLIENT_KEY], u) for u in app[BALANCER_KEY].upstreams))
+    status = "ok" if any(u["healthy"] for u in upstreams) else "degraded"
+    return _json_response({"status": status, "server": app[CONFIG_KEY].name, "model": app[CONFIG_KEY].model,
+                           "sessions": len(app[BALANCER_KEY].sessions), "upstreams": upstreams})
+
+
+_HTTP_MESSAGES = {
+    404: "unknown path {path}; this server serves POST /v1/responses, POST /v1/chat/completions, GET /v1/models and GET /health",
+    405: "method {method} is not allowed on {path}",
+}
+
+
+@web.middleware
+async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
+    """Turns every failure into OpenAI error JSON, and attaches the session cookie to answers."""
+    config = request.app[CONFIG_KEY]
+    request["session"] = _session_of(request, config)
+    try:
+        response = await handler(request)
+    except ApiError as exc:
+        if exc.status >= 500:
+            log.warning("server %s: %s %s -> %d %s", config.name, request.method, request.path, exc.status, exc.message)
+        response = _json_response(exc.body(), exc.status)
+    except web.HTTPRequestEntityTooLarge:
+        limit = _body_limit(config)
+        response = _json_response(ApiError(413, f"request body is larger than {limit} bytes; raise `max_request_body_mb` "
+                                                f"in {config.source} if this is intended", code="request_too_large").body(), 413)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        template = _HTTP_MESSAGES.get(exc.status, exc.reason or "request failed")
+        message = template.format(path=request.path, method=request.method)
+        response = _json_response(ApiError(exc.status, message).body(), exc.status)
+    except (asyncio.CancelledError, ConnectionResetError):
+        raise
+    except Exception as exc:  # a bug of ours: answer cleanly, log one line with the cause
+        log.error("server %s: internal error on %s %s: %r", config.name, request.method, request.path, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+        response = _json_response(ApiError(500, f"internal error in gym_vllm: {exc.__class__.__name__}").body(), 500)
+    cookie = request["session"][1]
+    if cookie and len(request.app[BALANCER_KEY].upstreams) > 1:
+        response.set_cookie(_cookie_name(config), cookie, httponly=True, samesite="Lax", max_age=int(config.session_idle_timeout_s))
+    return response
+
+
+def _body_limit(config: ServerConfig) -> int:
+    return int(config.max_request_body_mb * 1024 * 1024)
+
+
+def build_app(config: ServerConfig) -> web.Application:
+    """The aiohttp application of one model server; the upstream client lives in `cleanup_ctx`."""
+    app = web.Application(middlewares=[error_middleware], client_max_size=_body_limit(config))
+    app[CONFIG_KEY] = config
+    app[BALANCER_KEY] = Balancer(config.base_url, SessionTable(config.session_table_size, config.session_idle_timeout_s))
+    app[STARTED_KEY] = time.time()
+
+    async def upstream_client(app: web.Application):
+        timeout = aiohttp.ClientTimeout(total=config.request_timeout_s, sock_connect=config.connect_timeout_s)
+        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
+        async with aiohttp.ClientSession(timeout=timeout, connector=connector, cookie_jar=aiohttp.DummyCookieJar()) as client:
+            app[CLIENT_KEY] = client
+            yield
+
+    app.cleanup_ctx.append(upstream_client)
+    app.router.add_post("/v1/responses", handle_responses)
+    app.router.add_post("/v1/chat/completions", handle_chat_completions)
+    app.router.add_get("/v1/models", handle_models)
+    app.router.add_get("/health", handle_health)
+    return app
+
+
+# ============================================================================================
+# Embedding API: run servers inside your own event loop.
+# ============================================================================================
+
+
+async def start_server(config: ServerConfig, host: str | None = None, port: int | None = None) -> web.AppRunner:
+    """Starts one server and returns its runner (`await runner.cleanup()` stops it).
+
+    `port=0` picks a free port; read it back from `runner.addresses`.
+    """
+    runner = web.AppRunner(build_app(config), access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.TCPSite(runner, host or config.host, config.port if port is None else port, shutdown_timeout=30)
+    try:
+        await site.start()
+    except OSError as exc:
+        await runner.cleanup()
+        raise ConfigError(f"{config.source}: {config.name}: cannot listen on {host or config.host}:"
+                          f"{config.port if port is None else port}: {exc.strerror or exc}; choose another `port`") from None
+    log.info("server %s listening on http://%s:%d, model %s, upstreams %s", config.name, *runner.addresses[0][:2],
+             config.model, ", ".join(config.base_url))
+    return runner
+
+
+async def serve(configs: Sequence[ServerConfig], host: str | None = None, port: int | None = None) -> None:
+    """Serves every config until cancelled (each server on its own port)."""
+    runners = []
+    try:
+        for config in configs:
+            runners.append(await start_server(config, host, port))
+        await asyncio.Event().wait()
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+
+
+# ============================================================================================
+# CLI: python -m gym_vllm --config a.yaml[,b.yaml] [--env env.yaml] [--host H] [--port P]
+# ============================================================================================
+
+
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m gym_vllm", description="OpenAI Responses API proxy in front of vLLM.")
+    parser.add_argument("--config", action="append", required=True, metavar="FILE[,FILE]",
+                        help="config file(s) in NeMo Gym's shape; repeat or separate with commas")
+    parser.add_argument("--env", metavar="FILE", help="variables for ${name} (default: ./env.yaml if present)")
+    parser.add_argument("--host", help="listen host (only with a single server; default: the config's host, 127.0.0.1)")
+    parser.add_argument("--port", type=int, help="listen port (only with a single server; default: the config's port, 8080)")
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    return parser.parse_args(argv)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parse_args(argv)
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        configs = load_config(args.config, args.env)
+        if (args.host or args.port is not None) and len(configs) > 1:
+            raise ConfigError(f"--host/--port apply to a single server, but the config defines {len(configs)}: "
+                              f"{', '.join(c.name for c in configs)}; set `host`/`port` per server instead")
+    except ConfigError as exc:
+        print(f"gym_vllm: error: {exc}", file=sys.stderr)
+        return 2
+
+    async def run() -> None:
+        task = asyncio.current_task()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, task.cancel)
+        try:
+            await serve(configs, args.host, args.port)
+        except asyncio.CancelledError:
+            log.info("shutting down")
+
+    try:
+        asyncio.run(run())
+    except ConfigError as exc:
+        print(f"gym_vllm: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
