@@ -515,6 +515,8 @@ def _serve(args: argparse.Namespace) -> int:
         raise SystemExit(128 + signum)
 
     signal.signal(signal.SIGTERM, _on_sigterm)
+    # A shell starts background jobs with SIGINT ignored; restore Ctrl-C -> KeyboardInterrupt.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     print(f"starting vLLM on port {port}, log: {log_path}", flush=True)
     started = time.monotonic()
     proc = start_vllm(
