@@ -176,7 +176,7 @@ _IGNORED_KEYS = ("entrypoint",)  # NeMo Gym's launcher key; meaningless here
 
 
 def _did_you_mean(key: str, valid: Iterable[str]) -> str:
-    close = difflib.get_close_matches(key, list(valid), n=1)
+    close = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.5)
     return f" (did you mean `{close[0]}`?)" if close else ""
 
 
@@ -331,13 +331,13 @@ def load_config(paths: Sequence[str], env_path: str | None = None) -> list[Serve
         source = sources[name]
         kinds = block.get("responses_api_models")
         others = sorted(set(block) - {"responses_api_models"})
-        if kinds is None:
-            if others and set(others) <= {"resources_servers", "responses_api_agents"}:
-                log.info("config %s: skipping %s (%s is not a model server)", source, name, "/".join(others))
-                continue
-            raise ConfigError(f"{source}: {name}: expected `responses_api_models: {{vllm_model: {{...}}}}` under the server name")
+        if kinds is None and others and set(others) <= {"resources_servers", "responses_api_agents"}:
+            log.info("config %s: skipping %s (%s is not a model server)", source, name, "/".join(others))
+            continue
         if others:
             raise ConfigError(f"{source}: {name}.{others[0]}: unknown key{_did_you_mean(others[0], ['responses_api_models'])}")
+        if kinds is None:
+            raise ConfigError(f"{source}: {name}: expected `responses_api_models: {{vllm_model: {{...}}}}` under the server name")
         if not isinstance(kinds, dict) or len(kinds) != 1:
             raise ConfigError(f"{source}: {name}.responses_api_models: must hold exactly one server type, `vllm_model`")
         [(kind, values)] = kinds.items()

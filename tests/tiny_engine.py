@@ -35,6 +35,10 @@ import urllib.error
 import urllib.request
 from collections import deque
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 HERE = Path(__file__).resolve().parent
 VLLM_CLI = HERE / "vllm_cli.py"
@@ -214,8 +218,11 @@ def is_complete(model_dir: str | Path) -> bool:
     return (Path(model_dir) / COMPLETE_MARKER).is_file()
 
 
-def _train_tokenizer():  # -> tokenizers.Tokenizer (imported lazily)
-    """Train the byte-level BPE tokenizer: specials 0-2, 503 learned, 6 added = 512 ids."""
+def _train_tokenizer() -> Tokenizer:
+    """Train the byte-level BPE tokenizer.
+
+    Ids: 3 specials (0-2) + 256 byte symbols + 247 learned merges + 6 added tokens = 512.
+    """
     from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, normalizers
     from tokenizers import pre_tokenizers, trainers
 
@@ -244,19 +251,16 @@ def _train_tokenizer():  # -> tokenizers.Tokenizer (imported lazily)
             f"tokenizer has {tokenizer.get_vocab_size()} ids, expected {VOCAB_SIZE}; "
             "the corpus is too small for the requested number of merges"
         )
-    for expected_id, token in enumerate(SPECIAL_TOKENS):
-        assert tokenizer.token_to_id(token) == expected_id, token
+    if [tokenizer.token_to_id(t) for t in SPECIAL_TOKENS] != list(range(len(SPECIAL_TOKENS))):
+        raise RuntimeError("special tokens did not get ids 0, 1, 2")
     return tokenizer
 
 
-def _tokenizer_config() -> dict:
+def _tokenizer_config(tokenizer: Tokenizer) -> dict[str, Any]:
     """tokenizer_config.json contents, shaped like Qwen2.5's."""
     added = {}
     for token in SPECIAL_TOKENS + TEXT_TOKENS:
-        token_id = SPECIAL_TOKENS.index(token) if token in SPECIAL_TOKENS else (
-            VOCAB_SIZE - len(TEXT_TOKENS) + TEXT_TOKENS.index(token)
-        )
-        added[str(token_id)] = {
+        added[str(tokenizer.token_to_id(token))] = {
             "content": token,
             "lstrip": False,
             "normalized": False,
@@ -291,7 +295,7 @@ def _write_model(out: Path) -> None:
 
     tokenizer = _train_tokenizer()
     tokenizer.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(), indent=2) + "\n")
+    (out / "tokenizer_config.json").write_text(json.dumps(_tokenizer_config(tokenizer), indent=2) + "\n")
     (out / "chat_template.jinja").write_text(CHAT_TEMPLATE + "\n")
 
     config = Qwen2Config(
@@ -563,7 +567,10 @@ def main(argv: list[str] | None = None) -> int:
         path = build_tiny_model(args.dir)
         print(f"{path} ({time.monotonic() - started:.1f} s)")
         return 0
-    return _serve(args)
+    try:
+        return _serve(args)
+    except KeyboardInterrupt:  # Ctrl-C while starting; start_vllm already stopped the server
+        return 130
 
 
 if __name__ == "__main__":

@@ -1,0 +1,209 @@
+"""Config loading, interpolation and the CLI's one-line errors."""
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+import gym_vllm
+from gym_vllm import ConfigError
+
+REPO = Path(__file__).resolve().parent.parent
+SERVER = """\
+policy_model:
+  responses_api_models:
+    vllm_model:
+{body}
+"""
+REQUIRED = """\
+      base_url: http://127.0.0.1:8000/v1
+      api_key: k
+      model: m
+      return_token_id_information: false
+      uses_reasoning_parser: true
+"""
+
+
+def write(tmp_path, text, name="config.yaml"):
+    path = tmp_path / name
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+def server(tmp_path, body=REQUIRED, name="config.yaml"):
+    return write(tmp_path, SERVER.format(body=body.rstrip("\n")), name)
+
+
+def test_shipped_configs_load_with_the_example_env(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("VLLM_API_KEY", "from-env")
+    env = str(REPO / "configs" / "env.example.yaml")
+    [policy] = gym_vllm.load_config([str(REPO / "configs" / "vllm_model.yaml")], env)
+    assert (policy.name, policy.base_url, policy.api_key, policy.model) == ("policy_model", ("http://127.0.0.1:8000/v1",), "from-env", "Qwen/Qwen3-4B")
+    assert policy.uses_reasoning_parser and not policy.return_token_id_information and policy.port == 8080
+    [training] = gym_vllm.load_config([str(REPO / "configs" / "vllm_model_for_training.yaml")], env)
+    assert training.return_token_id_information
+    both = gym_vllm.load_config([f"{REPO}/configs/vllm_model.yaml,{REPO}/configs/vllm_judge_model.yaml"], env)
+    assert [(c.name, c.port) for c in both] == [("policy_model", 8080), ("judge_model", 8081)]
+    assert both[1].api_key == "EMPTY"  # JUDGE_API_KEY is unset: the ${oc.env:...,EMPTY} default
+
+
+def test_defaults_and_types(tmp_path):
+    [config] = gym_vllm.load_config([server(tmp_path)])
+    assert config.replace_developer_role_with_system is False and config.chat_template_kwargs is None
+    assert config.extra_body is None and config.propagate_context_overflow_errors is False
+    assert (config.host, config.port, config.request_timeout_s) == ("127.0.0.1", 8080, 3600.0)
+    assert "api_key='k'" not in repr(config) and "api_key=***" in repr(config)
+
+
+@pytest.mark.parametrize("value, urls", [
+    ("http://a:1/v1", ("http://a:1/v1",)),
+    ("http://a:1/v1/, http://b:2/v1", ("http://a:1/v1", "http://b:2/v1")),
+    ("[http://a:1/v1, http://b:2/v1]", ("http://a:1/v1", "http://b:2/v1")),
+])
+def test_base_url_forms(tmp_path, value, urls):
+    body = REQUIRED.replace("base_url: http://127.0.0.1:8000/v1", f"base_url: {value}")
+    assert gym_vllm.load_config([server(tmp_path, body)])[0].base_url == urls
+
+
+def test_interpolation_from_env_file_environment_and_config(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GV_KEY", "secret")
+    monkeypatch.delenv("GV_UNSET", raising=False)
+    write(tmp_path, "urls: [http://a/v1, http://b/v1]\nhost_part: myhost\nnested: {name: deep}\n", "env.yaml")  # read by default
+    config_path = write(tmp_path, """\
+        model_var: from-config
+        policy_model:
+          responses_api_models:
+            vllm_model:
+              base_url: ${urls}
+              api_key: ${oc.env:GV_KEY}
+              model: ${model_var}-${nested.name}
+              return_token_id_information: false
+              uses_reasoning_parser: true
+              host: ${oc.env:GV_UNSET,127.0.0.2}
+              chat_template_kwargs: {greeting: "hi ${host_part}"}
+        """)
+    [config] = gym_vllm.load_config([config_path])
+    assert config.base_url == ("http://a/v1", "http://b/v1")  # a whole ${...} keeps its list type
+    assert (config.api_key, config.model, config.host) == ("secret", "from-config-deep", "127.0.0.2")
+    assert config.chat_template_kwargs == {"greeting": "hi myhost"}
+
+
+def test_later_files_win_and_merge(tmp_path):
+    first = server(tmp_path)
+    second = write(tmp_path, "policy_model:\n  responses_api_models:\n    vllm_model:\n      model: other\n      port: 9000\n", "b.yaml")
+    [config] = gym_vllm.load_config([first, second])
+    assert (config.model, config.port, config.api_key) == ("other", 9000, "k")
+
+
+@pytest.mark.parametrize("body, fragment", [
+    (REQUIRED + "      modle_name: x\n", "vllm_model.modle_name: unknown key (did you mean `model`?)"),
+    (REQUIRED + "      return_token_ids_information: true\n", "did you mean `return_token_id_information`?"),
+    (REQUIRED.replace("      api_key: k\n", ""), "vllm_model.api_key: required key is missing"),
+    (REQUIRED.replace("false", "'no'"), "return_token_id_information: expected true or false, got 'no'"),
+    (REQUIRED + "      port: true\n", "port: expected an integer, got True"),
+    (REQUIRED + "      port: 70000\n", "port: must be between 0 and 65535"),
+    (REQUIRED + "      request_timeout_s: -1\n", "request_timeout_s: must be positive"),
+    (REQUIRED + "      chat_template_kwargs: [1]\n", "chat_template_kwargs: expected a mapping or null"),
+    (REQUIRED.replace("http://127.0.0.1:8000/v1", "127.0.0.1:8000"), "must start with http:// or https://"),
+    (REQUIRED.replace("http://127.0.0.1:8000/v1", "' , '"), "base_url is empty"),
+    (REQUIRED.replace("m\n", "${missing_var}\n"), "vllm_model.model: variable ${missing_var} is not defined"),
+    (REQUIRED.replace("api_key: k", "api_key: ${oc.env:GV_SURELY_UNSET}"), "environment variable GV_SURELY_UNSET is not set"),
+])
+def test_config_errors_name_file_and_key(tmp_path, body, fragment):
+    path = server(tmp_path, body)
+    with pytest.raises(ConfigError) as info:
+        gym_vllm.load_config([path])
+    assert fragment in str(info.value) and str(info.value).startswith(path)
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("policy_model: {responses_api_models: {local_vllm_model: {}}}", "python -m local_vllm"),
+    ("policy_model: {responses_api_models: {vllm_modle: {}}}", "unknown server type (did you mean `vllm_model`?)"),
+    ("policy_model: {responses_api_model: {}}", "policy_model.responses_api_model: unknown key (did you mean `responses_api_models`?)"),
+    ("just: a scalar", "no `vllm_model` server found"),
+    ("- a list", "must be a mapping"),
+    ("a: [unclosed", "invalid YAML"),
+])
+def test_shape_errors(tmp_path, text, fragment):
+    with pytest.raises(ConfigError) as info:
+        gym_vllm.load_config([write(tmp_path, text)])
+    assert fragment in str(info.value)
+
+
+def test_two_servers_on_one_port_is_an_error(tmp_path):
+    first = server(tmp_path)
+    second = server(tmp_path, name="b.yaml")
+    Path(second).write_text(Path(second).read_text().replace("policy_model", "judge_model"))
+    with pytest.raises(ConfigError) as info:
+        gym_vllm.load_config([first, second])
+    assert "both listen on 127.0.0.1:8080; give each server its own `port`" in str(info.value)
+
+
+def test_other_nemo_gym_blocks_are_skipped(tmp_path):
+    path = write(tmp_path, SERVER.format(body=REQUIRED.rstrip("\n")) + "math:\n  resources_servers:\n    math: {}\n")
+    assert [c.name for c in gym_vllm.load_config([path])] == ["policy_model"]
+
+
+def run_cli(*args, cwd=None):
+    return subprocess.run([sys.executable, "-m", "gym_vllm", *args], capture_output=True, text=True, timeout=60,
+                          cwd=cwd, env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"})
+
+
+@pytest.mark.parametrize("make_args, fragment", [
+    (lambda p: ["--config", str(p / "missing.yaml")], "missing.yaml: config file not found"),
+    (lambda p: ["--config", server(p, REQUIRED + "      modle: x\n")], "unknown key (did you mean `model`?)"),
+    (lambda p: ["--config", write(p, "x: [1")], "invalid YAML"),
+])
+def test_cli_errors_are_one_line_exit_2(tmp_path, make_args, fragment):
+    result = run_cli(*make_args(tmp_path))
+    assert result.returncode == 2, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("gym_vllm: error: ") and fragment in lines[0], result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_cli_port_flag_needs_a_single_server(tmp_path):
+    first = server(tmp_path)
+    second = server(tmp_path, REQUIRED + "      port: 8090\n", "b.yaml")
+    Path(second).write_text(Path(second).read_text().replace("policy_model", "judge_model"))
+    result = run_cli("--config", first, "--config", second, "--port", "1234")
+    assert result.returncode == 2 and "--host/--port apply to a single server" in result.stderr
+
+
+def test_cli_port_in_use_is_a_clean_error(tmp_path):
+    import socket
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        result = run_cli("--config", server(tmp_path), "--port", str(busy.getsockname()[1]))
+    assert result.returncode == 1 and "cannot listen on" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_serves_and_stops_on_sigterm(tmp_path):
+    import signal
+    import socket
+    import time
+    import urllib.request
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    process = subprocess.Popen([sys.executable, "-m", "gym_vllm", "--config", server(tmp_path), "--port", str(port)],
+                               env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.monotonic() + 30
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/v1/models", timeout=1) as answer:
+                    assert answer.status == 200
+                    break
+            except OSError:
+                assert time.monotonic() < deadline and process.poll() is None
+                time.sleep(0.2)
+    finally:
+        process.send_signal(signal.SIGTERM)
+        _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 0 and "listening on" in stderr and "Traceback" not in stderr
