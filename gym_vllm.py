@@ -1337,9 +1337,9 @@ async def start_server(config: ServerConfig, host: str | None = None, port: int 
 
     `port=0` picks a free port; read it back from `runner.addresses`.
     """
-    runner = web.AppRunner(build_app(config), access_log=None, handle_signals=False)
+    runner = web.AppRunner(build_app(config), access_log=None, handle_signals=False, shutdown_timeout=30)
     await runner.setup()
-    site = web.TCPSite(runner, host or config.host, config.port if port is None else port, shutdown_timeout=30)
+    site = web.TCPSite(runner, host or config.host, config.port if port is None else port)
     try:
         await site.start()
     except OSError as exc:
