@@ -631,7 +631,7 @@ def _check_unsupported(request: dict) -> None:
     include = request.get("include") or []
     _check_type(include, (list,), "include", "a list")
     for entry in include:
-        if entry not in _SUPPORTED_INCLUDES:
+        if not isinstance(entry, str) or entry not in _SUPPORTED_INCLUDES:
             raise bad_request(f"`include` value {entry!r} is not supported; supported: {', '.join(sorted(_SUPPORTED_INCLUDES))}", "include")
     if request.get("n", 1) != 1:
         raise bad_request("`n` must be 1: a Response holds one completion", "n")
@@ -813,11 +813,37 @@ def _new_id(prefix: str) -> str:
     return f"{prefix}_{uuid.uuid4().hex}"
 
 
+def _malformed(where: str, expected: str) -> ApiError:
+    return upstream_error(f"vLLM returned a malformed chat completion: `{where}` should be {expected}")
+
+
 def _first_choice(chat: Any) -> dict:
+    """choices[0] of a vLLM chat completion, after checking every field the converters read."""
     choices = chat.get("choices") if isinstance(chat, dict) else None
-    if not choices or not isinstance(choices[0], dict):
+    if not isinstance(choices, list) or not choices or not isinstance(choices[0], dict):
         raise upstream_error("vLLM returned a chat completion without choices")
-    return choices[0]
+    choice = choices[0]
+    message = choice.get("message")
+    if not isinstance(message, dict):
+        raise _malformed("choices[0].message", "an object")
+    for key in ("content", "refusal", "reasoning", "reasoning_content"):
+        if message.get(key) is not None and not isinstance(message[key], str):
+            raise _malformed(f"choices[0].message.{key}", "a string or null")
+    calls = message.get("tool_calls")
+    if calls is not None and not (isinstance(calls, list) and all(
+            isinstance(c, dict) and isinstance(c.get("function"), dict) and isinstance(c["function"].get("name", ""), str)
+            and isinstance(c["function"].get("arguments") or "", str) and isinstance(c.get("id") or "", str) for c in calls)):
+        raise _malformed("choices[0].message.tool_calls", "a list of {id, function: {name, arguments}}")
+    logprobs = choice.get("logprobs")
+    if logprobs is not None and not (isinstance(logprobs, dict) and (logprobs.get("content") is None or (
+            isinstance(logprobs["content"], list) and all(isinstance(e, dict) for e in logprobs["content"])))):
+        raise _malformed("choices[0].logprobs", "{content: [...]} or null")
+    for where, value in (("choices[0].token_ids", choice.get("token_ids")), ("prompt_token_ids", chat.get("prompt_token_ids"))):
+        if value is not None and not (isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+            raise _malformed(where, "a list of integers or null")
+    if chat.get("usage") is not None and not isinstance(chat["usage"], dict):
+        raise _malformed("usage", "an object or null")
+    return choice
 
 
 def _reasoning_from_upstream(message: dict, config: ServerConfig) -> str | None:
@@ -849,7 +875,7 @@ def extract_token_info(chat: dict) -> dict:
         log_probs = [entry.get("logprob") for entry in content]
         tokens = [entry.get("token") for entry in content]
         from_logprobs = None
-        if all(isinstance(t, str) and t.startswith("token_id:") for t in tokens):
+        if all(isinstance(t, str) and re.fullmatch(r"token_id:\d+", t) for t in tokens):
             from_logprobs = [int(t[len("token_id:"):]) for t in tokens]
         generated = choice.get("token_ids")
         if generated is None:
@@ -862,6 +888,11 @@ def extract_token_info(chat: dict) -> dict:
         if prompt is None:
             raise upstream_error("vLLM returned no prompt_token_ids", code="token_ids_missing")
         bundle = {"prompt_token_ids": list(prompt), "generation_token_ids": list(generated), "generation_log_probs": log_probs}
+    for key in TOKEN_FIELDS:
+        values = bundle[key]
+        number = (int, float) if key == "generation_log_probs" else int
+        if not isinstance(values, list) or not all(isinstance(v, number) and not isinstance(v, bool) for v in values):
+            raise _malformed(key, "a list of numbers" if key == "generation_log_probs" else "a list of integers")
     if len(bundle["generation_token_ids"]) != len(bundle["generation_log_probs"]):
         raise upstream_error(
             f"vLLM returned {len(bundle['generation_token_ids'])} generated token ids but "
@@ -872,16 +903,17 @@ def extract_token_info(chat: dict) -> dict:
 def _usage_to_responses(usage: dict | None) -> dict | None:
     if not usage:
         return None
-    prompt = usage.get("prompt_tokens") or 0
-    completion = usage.get("completion_tokens") or 0
-    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
-    reasoning = (usage.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0
+    def count(container: Any, key: str) -> int:  # strict clients require integers, never null
+        value = container.get(key) if isinstance(container, dict) else None
+        return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+    prompt, completion = count(usage, "prompt_tokens"), count(usage, "completion_tokens")
     return {
         "input_tokens": prompt,
-        "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
+        "input_tokens_details": {"cached_tokens": count(usage.get("prompt_tokens_details"), "cached_tokens"), "cache_write_tokens": 0},
         "output_tokens": completion,
-        "output_tokens_details": {"reasoning_tokens": reasoning},
-        "total_tokens": usage.get("total_tokens") or prompt + completion,
+        "output_tokens_details": {"reasoning_tokens": count(usage.get("completion_tokens_details"), "reasoning_tokens")},
+        "total_tokens": count(usage, "total_tokens") or prompt + completion,
     }
 
 

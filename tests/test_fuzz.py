@@ -1,0 +1,75 @@
+"""Random JSON into the converters: the answer is a valid chat body or a 400 ApiError, never another exception."""
+
+import dataclasses
+
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import gym_vllm
+from gym_vllm import ApiError
+from test_conversion import BASE, completion
+
+TRAIN = dataclasses.replace(BASE, return_token_id_information=True, replace_developer_role_with_system=True)
+KEYS = ["type", "role", "content", "text", "summary", "call_id", "name", "arguments", "output", "tool_call_id",
+        "tool_calls", "image_url", "refusal", "function", "parameters", "format", "effort", "prompt_token_ids",
+        "generation_token_ids", "generation_log_probs", "chat_template_kwargs", "extra_body"]
+VALUES = ["message", "user", "assistant", "system", "developer", "tool", "reasoning", "function_call",
+          "function_call_output", "input_text", "output_text", "input_image", "refusal", "function", "summary_text",
+          "json_schema", "json_object", "text", "auto", "required", "none"]
+scalars = st.none() | st.booleans() | st.integers(-3, 3) | st.floats(allow_nan=False) | st.sampled_from(VALUES) | st.text(max_size=5)
+json_values = st.recursive(scalars, lambda children: st.lists(children, max_size=4)
+                           | st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=3), children, max_size=5), max_leaves=25)
+request_keys = st.sampled_from(["input", "instructions", "tools", "tool_choice", "parallel_tool_calls", "max_output_tokens",
+                                "temperature", "text", "reasoning", "metadata", "top_logprobs", "include", "n", "stream",
+                                "truncation", "chat_template_kwargs", "messages", "logprobs"])
+requests = st.dictionaries(request_keys, json_values, max_size=6) | json_values
+
+
+def check(convert, request):
+    try:
+        chat = convert(request)
+    except ApiError as error:
+        assert error.status == 400 and error.message
+    else:
+        assert isinstance(chat["messages"], list) and chat["model"] == "m"
+
+
+@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(requests)
+def test_responses_request_fuzz(request):
+    check(lambda r: gym_vllm.responses_request_to_chat(r, BASE), request)
+    check(lambda r: gym_vllm.responses_request_to_chat(r, TRAIN), request)
+
+
+@settings(max_examples=800, deadline=None)
+@given(st.dictionaries(st.just("input"), st.lists(st.dictionaries(st.sampled_from(KEYS), json_values, max_size=6), min_size=1, max_size=4), min_size=1))
+def test_input_items_fuzz(request):
+    check(lambda r: gym_vllm.responses_request_to_chat(r, TRAIN), request)
+
+
+@settings(max_examples=800, deadline=None)
+@given(requests)
+def test_chat_request_fuzz(body):
+    check(lambda b: gym_vllm.prepare_chat_request(b, TRAIN, metadata=b.get("metadata") if isinstance(b, dict) and isinstance(b.get("metadata"), dict) else None)
+          if isinstance(b, dict) else gym_vllm.responses_request_to_chat(b, BASE), body)
+
+
+@settings(max_examples=800, deadline=None)
+@given(json_values, json_values)
+def test_upstream_response_fuzz(message_extra, choice_extra):
+    """Whatever an upstream sends back, the converter answers a Response or a 502, nothing else."""
+    chat = completion()
+    if isinstance(message_extra, list):  # a token bundle on the message, of random shapes
+        chat["choices"][0]["message"].update(zip(gym_vllm.TOKEN_FIELDS, message_extra + [[]] * 3))
+    if isinstance(message_extra, dict):
+        chat["choices"][0]["message"].update(message_extra)
+    if isinstance(choice_extra, dict):
+        chat["choices"][0].update(choice_extra)
+    for config in (BASE, TRAIN):
+        try:
+            response = gym_vllm.chat_response_to_responses(chat, {"input": "q"}, config)
+            gym_vllm.chat_response_for_client(chat, {}, config)
+        except ApiError as error:
+            assert error.status == 502
+        else:
+            assert response["output"]
