@@ -440,6 +440,15 @@ def _token_bundle(item: dict, param: str) -> dict | None:
     return {key: item[key] for key in TOKEN_FIELDS}
 
 
+def _reasoning_texts(item: dict, key: str, param: str) -> list[str]:
+    entries = _check_type(item.get(key) or [], (list,), f"{param}.{key}", "a list")
+    texts = []
+    for j, entry in enumerate(entries):
+        _check_type(entry, (dict,), f"{param}.{key}[{j}]", "an object")
+        texts.append(_check_type(entry.get("text", ""), (str,), f"{param}.{key}[{j}].text", "a string"))
+    return texts
+
+
 def _input_items_to_messages(items: list, keep_token_ids: bool) -> list[dict]:
     """Turns Responses input items into chat messages, merging consecutive assistant-side items."""
     messages: list[dict] = []
@@ -508,11 +517,9 @@ def _input_items_to_messages(items: list, keep_token_ids: bool) -> list[dict]:
             else:
                 raise bad_request(f"`{param}.role` must be one of user, system, developer, assistant; got {role!r}", f"{param}.role")
         elif kind == "reasoning":
-            blocks = [s.get("text", "") for s in item.get("summary") or [] if isinstance(s, dict)]
+            blocks = _reasoning_texts(item, "summary", param)
             if not any(blocks):  # items from other servers may carry the text only as content parts
-                blocks = [c.get("text", "") for c in item.get("content") or [] if isinstance(c, dict)]
-            for j, text in enumerate(blocks):
-                _check_type(text, (str,), f"{param}.summary[{j}].text", "a string")
+                blocks = _reasoning_texts(item, "content", param)
             assistant_turn()["content"].extend(f"<think>{text}</think>" for text in blocks if text)
         elif kind == "function_call":
             call_id = item.get("call_id")

@@ -30,3 +30,29 @@ def test_config_from_a_dict_and_build_app():
     app = gym_vllm.build_app(config)
     assert app[gym_vllm.CONFIG_KEY] is config
     assert [u.base_url for u in app[gym_vllm.BALANCER_KEY].upstreams] == ["http://a:1/v1", "http://b:2/v1"]
+
+
+async def test_serve_runs_several_servers_each_on_its_port(fake_upstreams):
+    import asyncio
+    import dataclasses
+
+    import tiny_engine
+
+    [(policy_fake, policy_url), (judge_fake, judge_url)] = await fake_upstreams(2)
+    ports = [tiny_engine.free_port(), tiny_engine.free_port()]
+    policy = dataclasses.replace(server_config(policy_url), port=ports[0])
+    judge = dataclasses.replace(server_config(judge_url), name="judge_model", model="judge", port=ports[1])
+    task = asyncio.create_task(gym_vllm.serve([policy, judge]))
+    try:
+        for attempt in range(100):
+            try:
+                answers = [await strict_client(f"http://127.0.0.1:{port}/v1").responses.create(model="x", input="hi")
+                           for port in ports]
+                break
+            except Exception:
+                await asyncio.sleep(0.05)
+        assert [a.model for a in answers] == ["tiny", "judge"]
+        assert len(policy_fake.requests) == len(judge_fake.requests) == 1
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

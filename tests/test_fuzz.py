@@ -41,8 +41,13 @@ def test_responses_request_fuzz(request):
     check(lambda r: gym_vllm.responses_request_to_chat(r, TRAIN), request)
 
 
-@settings(max_examples=800, deadline=None)
-@given(st.dictionaries(st.just("input"), st.lists(st.dictionaries(st.sampled_from(KEYS), json_values, max_size=6), min_size=1, max_size=4), min_size=1))
+ITEM_TYPES = ["message", "reasoning", "function_call", "function_call_output", "item_reference"]
+items = st.fixed_dictionaries({"type": st.sampled_from(ITEM_TYPES), "role": st.sampled_from(VALUES)},
+                              optional={key: json_values for key in KEYS if key not in ("type", "role")})
+
+
+@settings(max_examples=600, deadline=None)
+@given(st.fixed_dictionaries({"input": st.lists(items, min_size=1, max_size=4)}))
 def test_input_items_fuzz(request):
     check(lambda r: gym_vllm.responses_request_to_chat(r, TRAIN), request)
 

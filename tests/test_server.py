@@ -167,3 +167,29 @@ async def test_models_and_health(fake_upstreams, proxy):
     assert answer.status == 200 and health["status"] == "ok" and health["server"] == "policy_model"
     assert [u["healthy"] for u in health["upstreams"]] == [True, False]
     assert VLLM_API_KEY not in str(health)
+
+
+async def test_hundreds_of_malformed_requests_get_4xx_never_5xx(fake_upstreams, proxy):
+    import json
+    import random
+
+    [(_, url)] = await fake_upstreams(1)
+    base = await proxy(server_config(url, return_token_id_information=True))
+    generator = random.Random(1234)
+    pieces = [None, True, 0, -1, 3.5, "", "x", "user", "assistant", "function_call", "message", "input_text", [], {}, [1], {"a": 1},
+              [{"type": "message"}], [{"role": "user", "content": [{"type": "input_image"}]}], [{"type": "reasoning", "summary": 3}],
+              [{"type": "function_call_output", "call_id": "c", "output": [{"type": "input_text", "text": 5}]}]]
+    keys = ["input", "instructions", "tools", "tool_choice", "max_output_tokens", "text", "reasoning", "metadata", "include",
+            "top_logprobs", "n", "truncation", "temperature", "messages", "chat_template_kwargs"]
+    statuses = []
+    async with aiohttp.ClientSession() as http:
+        for i in range(250):
+            body = {generator.choice(keys): generator.choice(pieces) for _ in range(generator.randint(0, 4))}
+            raw = json.dumps(body).encode() if i % 10 else json.dumps(body).encode()[: generator.randint(0, 20)]
+            path = "/responses" if i % 3 else "/chat/completions"
+            async with http.post(base + path, data=raw, headers={"Content-Type": "application/json"}) as answer:
+                statuses.append(answer.status)
+                if answer.status != 200:
+                    assert_openai_error(answer.status, await answer.json())
+    assert all(status < 500 for status in statuses)
+    assert statuses.count(400) > 150  # the generator mostly produces bad input: the check is not vacuous
