@@ -378,7 +378,6 @@ _UNSUPPORTED_FIELDS = {
     "prompt": "stored prompt templates are not supported; send `instructions` and `input`",
     "context_management": "context management is not supported",
     "max_tool_calls": "max_tool_calls is not supported by vLLM's chat API",
-    "stream_options": "stream_options needs `stream: true`, which is not supported yet",
 }
 # Echoed on the Response object, never sent to vLLM.
 _ECHO_ONLY_FIELDS = {"model", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier", "truncation", "include"}
@@ -631,8 +630,11 @@ def _check_unsupported(request: dict) -> None:
     for field, why in _UNSUPPORTED_FIELDS.items():
         if request.get(field) not in (None, False):
             raise bad_request(f"`{field}` is not supported: {why}", field)
-    if request.get("stream"):
-        raise bad_request("`stream: true` is not supported yet; send the request without `stream`", "stream")
+    if request.get("stream") is not None and not isinstance(request["stream"], bool):
+        raise bad_request("`stream` must be true or false", "stream")
+    options = request.get("stream_options")
+    if options is not None and not (isinstance(options, dict) and set(options) <= {"include_obfuscation"}):
+        raise bad_request("`stream_options` may only hold `include_obfuscation` (streams are never obfuscated here)", "stream_options")
     if request.get("truncation") not in (None, "disabled"):
         raise bad_request("`truncation` must be disabled: this server never drops input items", "truncation")
     include = request.get("include") or []
@@ -668,7 +670,7 @@ def responses_request_to_chat(request: dict, config: ServerConfig) -> dict:
 
     chat: dict = {"messages": messages}
     handled = {"input", "instructions", "tools", "tool_choice", "parallel_tool_calls", "max_output_tokens", "text",
-               "reasoning", "top_logprobs", "stream", "n", *_ECHO_ONLY_FIELDS, *_UNSUPPORTED_FIELDS}
+               "reasoning", "top_logprobs", "stream", "stream_options", "n", *_ECHO_ONLY_FIELDS, *_UNSUPPORTED_FIELDS}
     for key, value in request.items():
         if key not in handled and value is not None:
             chat[key] = value  # temperature, top_p, user and vLLM extensions pass through by name
@@ -714,6 +716,9 @@ def responses_request_to_chat(request: dict, config: ServerConfig) -> dict:
             chat["reasoning_effort"] = reasoning["effort"]
     if request.get("metadata") is not None:
         _check_type(request["metadata"], (dict,), "metadata", "an object of string values")
+    if request.get("stream"):
+        chat["stream"] = True
+        chat["stream_options"] = {"include_usage": True}
     return prepare_chat_request(chat, config, metadata=request.get("metadata"))
 
 
@@ -783,8 +788,8 @@ def prepare_chat_request(chat: dict, config: ServerConfig, metadata: dict | None
     for i, message in enumerate(messages):
         if not isinstance(message, dict) or not isinstance(message.get("role"), str):
             raise bad_request(f"`messages[{i}]` must be an object with a `role`", f"messages[{i}]")
-    if chat.get("stream"):
-        raise bad_request("`stream: true` is not supported yet; send the request without `stream`", "stream")
+    if chat.get("stream") is not None and not isinstance(chat["stream"], bool):
+        raise bad_request("`stream` must be true or false", "stream")
     if config.replace_developer_role_with_system:
         messages = [{**m, "role": "system"} if m["role"] == "developer" else m for m in messages]
     if config.uses_reasoning_parser:
@@ -925,10 +930,10 @@ def _usage_to_responses(usage: dict | None) -> dict | None:
 
 
 def _response_envelope(request: dict, config: ServerConfig, created: float, output: list, status: str,
-                       incomplete_reason: str | None, usage: dict | None) -> dict:
+                       incomplete_reason: str | None, usage: dict | None, response_id: str | None = None) -> dict:
     """The Response object around `output`: every field strict SDK clients require, request params echoed."""
     return {
-        "id": _new_id("resp"),
+        "id": response_id or _new_id("resp"),
         "object": "response",
         "created_at": float(created),
         "model": config.model,
@@ -1061,6 +1066,321 @@ def context_overflow_chat_response(config: ServerConfig) -> dict:
 
 
 # ============================================================================================
+# Stream conversion (pure, sans-I/O): chat completion chunks in -> Responses SSE events out.
+# ============================================================================================
+
+_THINK_OPEN, _THINK_CLOSE = "<think>", "</think>"
+
+
+class ResponsesStream:
+    """Turns vLLM's chat completion chunks into Responses stream events, in the order strict clients expect.
+
+    `start()` once, `feed(chunk)` per upstream chunk, then `finish()` at the end of the upstream stream
+    or `fail(error)` if it broke; each returns the events to send, each with a rising `sequence_number`.
+    Items are strictly serialized (one is done before the next is added); the final response carries
+    exactly what was streamed, with the same ids.
+
+    `<think>` handling (`uses_reasoning_parser: true`): a block that leads the output (after optional
+    whitespace) becomes the reasoning item. Its text is held back until `</think>` arrives, because an
+    unterminated block stays text (the non-streaming rule) and an item cannot be taken back once sent;
+    the reasoning item is then sent whole and the message streams token by token. A `<think>` that
+    appears after message text has begun stays message text (the non-streaming parser would lift it out).
+    """
+
+    def __init__(self, request: dict, config: ServerConfig) -> None:
+        self.request = request
+        self.config = config
+        self.response_id = _new_id("resp")
+        self.created: float = time.time()
+        self.sequence = 0
+        self.output: list[dict] = []           # items already added (the open one is the last)
+        self.open_item: dict | None = None     # the item whose events are in flight
+        self.message_text: list[str] = []      # text of the open message item
+        self.tool_index: Any = None            # upstream index of the open function_call item
+        self.phase = "lead" if config.uses_reasoning_parser else "text"  # lead -> think -> text
+        self.held = ""                         # text held back while a leading <think> may still come or close
+        self.upstream_reasoning = ""           # vLLM's own reasoning field, when its parser ran
+        self.think_block: str | None = None    # the leading <think> block, once closed
+        self.finish_reason: str | None = None
+        self.usage: dict | None = None
+        self.prompt_token_ids: list | None = None
+        self.token_ids: list[int] = []
+        self.logprobs: list[dict] = []
+        self.saw_token_ids = False
+
+    # --- events -------------------------------------------------------------------------------
+
+    def _event(self, events: list, type: str, **fields: Any) -> None:
+        events.append({"type": type, "sequence_number": self.sequence, **fields})
+        self.sequence += 1
+
+    def _snapshot(self, status: str, incomplete_reason: str | None = None, usage: dict | None = None) -> dict:
+        return _response_envelope(self.request, self.config, self.created, list(self.output), status,
+                                  incomplete_reason, usage, self.response_id)
+
+    def start(self) -> list[dict]:
+        events: list[dict] = []
+        self._event(events, "response.created", response=self._snapshot("in_progress"))
+        self._event(events, "response.in_progress", response=self._snapshot("in_progress"))
+        return events
+
+    # --- upstream chunks ----------------------------------------------------------------------
+
+    def feed(self, chunk: Any) -> list[dict]:
+        if not isinstance(chunk, dict):
+            raise _malformed("chunk", "a JSON object")
+        events: list[dict] = []
+        if isinstance(chunk.get("created"), (int, float)) and not self.output:
+            self.created = chunk["created"]
+        if isinstance(chunk.get("usage"), dict):
+            self.usage = chunk["usage"]
+        if chunk.get("prompt_token_ids") is not None:
+            self.prompt_token_ids = chunk["prompt_token_ids"]
+        choices = chunk.get("choices") or []
+        if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
+            raise _malformed("choices", "a list of objects")
+        for choice in choices[:1]:
+            delta = choice.get("delta") or {}
+            if not isinstance(delta, dict):
+                raise _malformed("choices[0].delta", "an object")
+            self._collect_tokens(choice)
+            reasoning = delta.get("reasoning_content") or delta.get("reasoning")
+            if reasoning:
+                _reasoning_from_upstream(delta, self.config)  # raises the parser-mismatch error if the parser is off
+                self._upstream_reasoning(events, reasoning)
+            content = delta.get("content")
+            if content:
+                if not isinstance(content, str):
+                    raise _malformed("choices[0].delta.content", "a string")
+                self._text(events, content)
+            for call in delta.get("tool_calls") or []:
+                self._tool_call(events, call)
+            if choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]
+        return events
+
+    def _collect_tokens(self, choice: dict) -> None:
+        if not self.config.return_token_id_information and not self.request.get("top_logprobs"):
+            return
+        if isinstance(choice.get("token_ids"), list):
+            self.saw_token_ids = True
+            self.token_ids.extend(choice["token_ids"])
+        content = (choice.get("logprobs") or {}).get("content") if isinstance(choice.get("logprobs"), dict) else None
+        if isinstance(content, list):
+            self.logprobs.extend(content)
+
+    def _upstream_reasoning(self, events: list, text: str) -> None:
+        # vLLM's own reasoning parser split it already: it becomes the first reasoning block (as non-streaming).
+        if self.phase == "text" or not isinstance(text, str):
+            raise _malformed("choices[0].delta.reasoning", "reasoning that precedes all content")
+        self.upstream_reasoning += text
+
+    def _text(self, events: list, text: str) -> None:
+        if self.phase == "text":
+            self._message_delta(events, text)
+            return
+        self.held += text
+        if self.phase == "lead":
+            stripped = self.held.lstrip()
+            if stripped.startswith(_THINK_OPEN):
+                self.phase = "think"
+            elif _THINK_OPEN.startswith(stripped):
+                return  # only whitespace or a partial "<thi" so far: keep waiting
+            else:
+                self._release_held(events)
+                return
+        opening = self.held.index(_THINK_OPEN)
+        closing = self.held.find(_THINK_CLOSE, opening + len(_THINK_OPEN))
+        if closing < 0:
+            return
+        self.think_block = self.held[opening + len(_THINK_OPEN):closing]
+        # The whitespace before <think> stays message text, as the non-streaming parser keeps it.
+        rest = self.held[:opening] + self.held[closing + len(_THINK_CLOSE):]
+        self.held = ""
+        self.phase = "text"
+        self._open_reasoning(events)
+        self._message_delta(events, rest)
+
+    def _release_held(self, events: list) -> None:
+        """No leading reasoning block after all: what was held is message text (after any upstream reasoning)."""
+        held, self.held = self.held, ""
+        self.phase = "text"
+        if self.upstream_reasoning:
+            self._open_reasoning(events)
+        self._message_delta(events, held)
+
+    def _tool_call(self, events: list, call: Any) -> None:
+        if not isinstance(call, dict) or not isinstance(call.get("function") or {}, dict):
+            raise _malformed("choices[0].delta.tool_calls", "a list of {index, id, function}")
+        function = call.get("function") or {}
+        index = call.get("index", 0)
+        if self.phase != "text":
+            self._release_held(events)
+        if self.open_item is None or self.open_item["type"] != "function_call" or index != self.tool_index:
+            self._close_open_item(events)
+            call_id = call.get("id") if isinstance(call.get("id"), str) and call.get("id") else _new_id("call")
+            item = {"id": _new_id("fc"), "type": "function_call", "status": "in_progress", "call_id": call_id,
+                    "name": function.get("name") or "", "arguments": ""}
+            self._add_item(events, item)
+            self.tool_index = index
+        arguments = function.get("arguments")
+        if arguments:
+            if not isinstance(arguments, str):
+                raise _malformed("choices[0].delta.tool_calls[].function.arguments", "a string")
+            self.open_item["arguments"] += arguments
+            self._event(events, "response.function_call_arguments.delta", item_id=self.open_item["id"],
+                        output_index=len(self.output) - 1, delta=arguments)
+
+    # --- items --------------------------------------------------------------------------------
+
+    def _add_item(self, events: list, item: dict) -> None:
+        self.output.append(item)
+        self.open_item = item
+        self._event(events, "response.output_item.added", output_index=len(self.output) - 1, item=dict(item))
+
+    def _open_reasoning(self, events: list) -> None:
+        """Sends the whole reasoning item (content parts, then summary parts); its `done` waits for the next item."""
+        self._close_open_item(events)
+        blocks = [text for text in (self.upstream_reasoning or None, self.think_block) if text is not None]
+        self.upstream_reasoning, self.think_block = "", None
+        item = {"id": _new_id("rs"), "type": "reasoning", "status": "in_progress", "encrypted_content": None,
+                "summary": [], "content": []}
+        self._add_item(events, item)
+        where = {"item_id": item["id"], "output_index": len(self.output) - 1}
+        for index, text in enumerate(blocks):
+            part = {"type": "reasoning_text", "text": text}
+            self._event(events, "response.content_part.added", **where, content_index=index, part={"type": "reasoning_text", "text": ""})
+            if text:
+                self._event(events, "response.reasoning_text.delta", **where, content_index=index, delta=text)
+            self._event(events, "response.reasoning_text.done", **where, content_index=index, text=text)
+            self._event(events, "response.content_part.done", **where, content_index=index, part=part)
+            item["content"].append(part)
+        for index, text in enumerate(blocks):
+            part = {"type": "summary_text", "text": text}
+            self._event(events, "response.reasoning_summary_part.added", **where, summary_index=index, part={"type": "summary_text", "text": ""})
+            if text:
+                self._event(events, "response.reasoning_summary_text.delta", **where, summary_index=index, delta=text)
+            self._event(events, "response.reasoning_summary_text.done", **where, summary_index=index, text=text)
+            self._event(events, "response.reasoning_summary_part.done", **where, summary_index=index, part=part)
+            item["summary"].append(part)
+
+    def _message_delta(self, events: list, text: str) -> None:
+        if not text:
+            return
+        if self.open_item is None or self.open_item["type"] != "message":
+            self._open_message(events)
+        self.message_text.append(text)
+        self._event(events, "response.output_text.delta", item_id=self.open_item["id"], output_index=len(self.output) - 1,
+                    content_index=0, delta=text, logprobs=[])
+
+    def _open_message(self, events: list) -> None:
+        self._close_open_item(events)
+        self.message_text = []
+        self._add_item(events, {"id": _new_id("msg"), "type": "message", "role": "assistant", "status": "in_progress", "content": []})
+        self._event(events, "response.content_part.added", item_id=self.open_item["id"], output_index=len(self.output) - 1,
+                    content_index=0, part={"type": "output_text", "text": "", "annotations": [], "logprobs": []})
+
+    def _close_open_item(self, events: list, status: str = "completed") -> None:
+        item = self.open_item
+        if item is None:
+            return
+        where = {"item_id": item["id"], "output_index": len(self.output) - 1}
+        if item["type"] == "message":
+            logprobs = _output_logprobs({"logprobs": {"content": self.logprobs}}) if self.request.get("top_logprobs") else []
+            part = {"type": "output_text", "text": "".join(self.message_text), "annotations": [], "logprobs": logprobs}
+            self._event(events, "response.output_text.done", **where, content_index=0, text=part["text"], logprobs=logprobs)
+            self._event(events, "response.content_part.done", **where, content_index=0, part=part)
+            item["content"] = [part]
+        elif item["type"] == "function_call":
+            self._event(events, "response.function_call_arguments.done", **where, name=item["name"], arguments=item["arguments"])
+        item["status"] = status
+        self.open_item = None
+        self._event(events, "response.output_item.done", output_index=len(self.output) - 1, item=item)
+
+    # --- the end ------------------------------------------------------------------------------
+
+    def finish(self) -> list[dict]:
+        """The upstream stream ended: close what is open and send the final response."""
+        if self.finish_reason is None:
+            raise upstream_error("vLLM ended the stream before its final chunk (no finish_reason)")
+        bundle = self._token_bundle() if self.config.return_token_id_information else {}  # may raise: before any event
+        return self._finish(bundle)
+
+    def context_overflow(self) -> list[dict]:
+        """The prompt did not fit: an empty incomplete reply, exactly as without streaming."""
+        self.finish_reason = "length"
+        return self._finish({})
+
+    def _finish(self, bundle: dict) -> list[dict]:
+        events: list[dict] = []
+        if self.phase != "text":
+            self._release_held(events)  # an unterminated leading <think> stays text, as in non-streaming
+        if self.open_item is None:
+            self._open_message(events)  # a reply with nothing in it still has an (empty) message
+        incomplete_reason = {"length": "max_output_tokens", "content_filter": "content_filter"}.get(self.finish_reason)
+        self.open_item.update(bundle)  # the open item is the last one: token fields go there
+        message_cut_short = incomplete_reason and self.open_item["type"] == "message"
+        self._close_open_item(events, "incomplete" if message_cut_short else "completed")
+        status = "incomplete" if incomplete_reason else "completed"
+        final = self._snapshot(status, incomplete_reason, _usage_to_responses(self.usage))
+        self._event(events, f"response.{status}", response=final)
+        return events
+
+    def _token_bundle(self) -> dict:
+        choice = {"message": {}, "token_ids": self.token_ids if self.saw_token_ids else None,
+                  "logprobs": {"content": self.logprobs} if self.logprobs or self.saw_token_ids else None}
+        return extract_token_info({"prompt_token_ids": self.prompt_token_ids, "choices": [choice]})
+
+    def fail(self, error: ApiError) -> list[dict]:
+        """The upstream broke mid-stream: an `error` event, then `response.failed` with what was sent so far."""
+        events: list[dict] = []
+        if self.open_item is not None:
+            self.open_item["status"] = "incomplete"
+            if self.open_item["type"] == "message":
+                self.open_item["content"] = [{"type": "output_text", "text": "".join(self.message_text), "annotations": [], "logprobs": []}]
+        self._event(events, "error", code=error.code, message=error.message, param=error.param)
+        final = self._snapshot("failed")
+        final["error"] = {"code": "server_error", "message": error.message}
+        self._event(events, "response.failed", response=final)
+        return events
+
+
+class ChatStreamRelay:
+    """Rewrites vLLM's chat chunks for `/v1/chat/completions` stream clients (reasoning as `<think>` text).
+
+    Chunks without reasoning pass through untouched (the I/O layer forwards their bytes as they are).
+    """
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.in_reasoning = False
+
+    def needs(self, raw: bytes) -> bool:
+        """Whether a raw `data:` line has to be parsed and rewritten."""
+        return self.in_reasoning or b'"reasoning' in raw
+
+    def rewrite(self, chunk: dict) -> dict:
+        for choice in chunk.get("choices") or []:
+            delta = choice.get("delta") if isinstance(choice, dict) else None
+            if not isinstance(delta, dict):
+                continue
+            reasoning = delta.pop("reasoning_content", None)
+            reasoning = delta.pop("reasoning", None) or reasoning
+            if reasoning:
+                _reasoning_from_upstream({"reasoning": reasoning}, self.config)
+            text = ""
+            if reasoning:
+                text = reasoning if self.in_reasoning else _THINK_OPEN + reasoning
+                self.in_reasoning = True
+            if self.in_reasoning and (delta.get("content") or delta.get("tool_calls") or choice.get("finish_reason")):
+                text += _THINK_CLOSE
+                self.in_reasoning = False
+            if text:
+                delta["content"] = text + (delta.get("content") or "")
+        return chunk
+
+
+# ============================================================================================
 # Backends: round-robin over base_urls with a bounded session-affinity table.
 # ============================================================================================
 
@@ -1184,30 +1504,47 @@ def _session_of(request: web.Request, config: ServerConfig) -> tuple[str, str | 
     return new, new
 
 
-async def _post_upstream(request: web.Request, url: str, payload: dict) -> tuple[int, Any]:
-    """POSTs JSON to vLLM; returns (status, parsed body) or raises a 502/504 ApiError."""
-    app = request.app
-    config = app[CONFIG_KEY]
+def _timeout_error(config: ServerConfig, url: str) -> ApiError:
+    return upstream_error(f"vLLM at {url} did not answer within the server's timeouts (connect_timeout_s="
+                          f"{config.connect_timeout_s}, request_timeout_s={config.request_timeout_s})",
+                          code="upstream_timeout", status=504)
+
+
+async def _open_upstream(request: web.Request, url: str, payload: dict) -> aiohttp.ClientResponse:
+    """POSTs JSON to vLLM and returns the response with its body unread, or raises a 502/504 ApiError."""
+    config = request.app[CONFIG_KEY]
     headers = {"Authorization": f"Bearer {config.api_key}", "Content-Type": "application/json"}
     try:
-        async with app[CLIENT_KEY].post(url, data=_dumps(payload).encode(), headers=headers) as response:
-            raw = await response.read()
-            status = response.status
+        return await request.app[CLIENT_KEY].post(url, data=_dumps(payload).encode(), headers=headers)
     except asyncio.TimeoutError:
-        raise upstream_error(f"vLLM at {url} did not answer within the server's timeouts (connect_timeout_s="
-                             f"{config.connect_timeout_s}, request_timeout_s={config.request_timeout_s})",
-                             code="upstream_timeout", status=504) from None
+        raise _timeout_error(config, url) from None
     except aiohttp.ClientError as exc:
         raise upstream_error(f"cannot reach vLLM at {url}: {exc.__class__.__name__}: {exc}", code="upstream_unreachable") from None
+
+
+async def _read_upstream(request: web.Request, response: aiohttp.ClientResponse, url: str) -> tuple[int, Any]:
+    """Reads a whole upstream answer: (status, parsed JSON or a text excerpt)."""
+    try:
+        raw = await response.read()
+    except asyncio.TimeoutError:
+        raise _timeout_error(request.app[CONFIG_KEY], url) from None
+    except aiohttp.ClientError as exc:
+        raise upstream_error(f"vLLM at {url} broke off its answer: {exc.__class__.__name__}: {exc}", code="upstream_unreachable") from None
+    finally:
+        response.release()
     try:
         body = json.loads(raw) if raw else None
     except (ValueError, UnicodeDecodeError):
         body = None
-    if status == 200:
+    if response.status == 200:
         if not isinstance(body, dict):
             raise upstream_error(f"vLLM at {url} answered 200 with a body that is not a JSON object")
-        return status, body
-    return status, body if body is not None else raw[:500].decode("utf-8", "replace")
+        return 200, body
+    return response.status, body if body is not None else raw[:500].decode("utf-8", "replace")
+
+
+async def _post_upstream(request: web.Request, url: str, payload: dict) -> tuple[int, Any]:
+    return await _read_upstream(request, await _open_upstream(request, url, payload), url)
 
 
 def _upstream_failure(config: ServerConfig, url: str, status: int, body: Any) -> ApiError:
@@ -1228,11 +1565,18 @@ def _upstream_failure(config: ServerConfig, url: str, status: int, body: Any) ->
     return upstream_error(f"vLLM at {url} failed with HTTP {status}: {message}")
 
 
-async def _chat_upstream(request: web.Request, session_id: str, chat_body: dict) -> dict | None:
-    """Sends a chat body to the session's upstream: the completion, or None on a context overflow."""
+async def _chat_upstream(request: web.Request, session_id: str, chat_body: dict) -> dict | aiohttp.ClientResponse | None:
+    """Sends a chat body to the session's upstream.
+
+    Returns the completion; for `stream: true` the open upstream response, to be relayed; None when
+    the prompt did not fit (context overflow). Any other failure raises before anything reached the client.
+    """
     config = request.app[CONFIG_KEY]
     upstream = request.app[BALANCER_KEY].upstream_for(session_id)
-    status, body = await _post_upstream(request, upstream.chat_url, chat_body)
+    response = await _open_upstream(request, upstream.chat_url, chat_body)
+    if response.status == 200 and chat_body.get("stream"):
+        return response
+    status, body = await _read_upstream(request, response, upstream.chat_url)
     if status != 200:
         failure = _upstream_failure(config, upstream.chat_url, status, body)
         if is_context_overflow(status, failure.message) and not config.propagate_context_overflow_errors:
@@ -1268,6 +1612,8 @@ async def handle_responses(request: web.Request) -> web.Response:
     chat_body = responses_request_to_chat(body, config)
     session_id, new_session = _session_of(request, config)
     chat = await _chat_upstream(request, session_id, chat_body)
+    if body.get("stream"):
+        return await _stream_responses(request, ResponsesStream(body, config), chat, new_session)
     response = context_overflow_response(body, config) if chat is None else chat_response_to_responses(chat, body, config)
     return _set_session_cookie(_json_response(response), request, new_session)
 
@@ -1278,8 +1624,131 @@ async def handle_chat_completions(request: web.Request) -> web.Response:
     chat_body = prepare_chat_request(body, config, metadata=body.get("metadata") if isinstance(body.get("metadata"), dict) else None)
     session_id, new_session = _session_of(request, config)
     chat = await _chat_upstream(request, session_id, chat_body)
+    if body.get("stream"):
+        return await _stream_chat(request, chat, new_session)
     response = context_overflow_chat_response(config) if chat is None else chat_response_for_client(chat, body, config)
     return _set_session_cookie(_json_response(response), request, new_session)
+
+
+# --- streaming: relay vLLM's SSE as it arrives --------------------------------------------------
+
+SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+def _sse_bytes(events: list[dict]) -> bytes:
+    return "".join(f"event: {event['type']}\ndata: {_dumps(event)}\n\n" for event in events).encode()
+
+
+async def _open_sse(request: web.Request, new_session: str | None) -> web.StreamResponse:
+    response = web.StreamResponse(headers=SSE_HEADERS)
+    _set_session_cookie(response, request, new_session)
+    await response.prepare(request)
+    return response
+
+
+def _client_gone(request: web.Request) -> bool:
+    return request.transport is None or request.transport.is_closing()
+
+
+async def _upstream_chunks(request: web.Request, upstream: aiohttp.ClientResponse):
+    """Yields (raw data line, parsed chunk or None for lines passed on as they are) until `[DONE]`.
+
+    Reading pauses while the client is slow (each write awaits the socket), so nothing buffers
+    without bound; a client that is gone raises ConnectionResetError, which closes the upstream
+    connection and makes vLLM abort the generation.
+    """
+    async for line in upstream.content:
+        if _client_gone(request):
+            raise ConnectionResetError("client disconnected")
+        if not line.startswith(b"data:"):
+            continue
+        data = line[5:].strip()
+        if data == b"[DONE]":
+            return
+        yield data
+
+
+def _parse_chunk(data: bytes) -> dict:
+    try:
+        chunk = json.loads(data)
+    except (ValueError, UnicodeDecodeError):
+        raise upstream_error("vLLM sent a stream chunk that is not JSON") from None
+    if isinstance(chunk, dict) and chunk.get("error"):
+        error = chunk["error"]
+        raise upstream_error(f"vLLM failed mid-stream: {error.get('message') if isinstance(error, dict) else error}")
+    return chunk
+
+
+def _stream_failure(request: web.Request, exc: BaseException) -> ApiError:
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, asyncio.TimeoutError):
+        return _timeout_error(request.app[CONFIG_KEY], "the stream")
+    return upstream_error(f"vLLM broke off the stream: {exc.__class__.__name__}: {exc}", code="upstream_unreachable")
+
+
+async def _stream_responses(request: web.Request, machine: ResponsesStream, upstream: aiohttp.ClientResponse | None,
+                            new_session: str | None) -> web.StreamResponse:
+    """`/v1/responses` with `stream: true`: chunks in, Responses events out, as vLLM generates."""
+    response = await _open_sse(request, new_session)
+    try:
+        await response.write(_sse_bytes(machine.start()))
+        if upstream is None:
+            events = machine.context_overflow()
+        else:
+            try:
+                async for data in _upstream_chunks(request, upstream):
+                    events = machine.feed(_parse_chunk(data))
+                    if events:
+                        await response.write(_sse_bytes(events))
+                events = machine.finish()
+            except ConnectionResetError:
+                raise
+            except (ApiError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                failure = _stream_failure(request, exc)
+                log.warning("server %s: stream failed: %s", request.app[CONFIG_KEY].name, failure.message)
+                events = machine.fail(failure)
+        await response.write(_sse_bytes(events))
+        await response.write_eof()
+    except ConnectionResetError:
+        log.info("server %s: client disconnected mid-stream; upstream request closed", request.app[CONFIG_KEY].name)
+    finally:
+        if upstream is not None:
+            upstream.close()  # a no-op after [DONE]; otherwise it aborts the generation in vLLM
+    return response
+
+
+async def _stream_chat(request: web.Request, upstream: aiohttp.ClientResponse | None, new_session: str | None) -> web.StreamResponse:
+    """`/v1/chat/completions` with `stream: true`: vLLM's chunks relayed as they come, `data: [DONE]` last."""
+    config = request.app[CONFIG_KEY]
+    response = await _open_sse(request, new_session)
+    relay = ChatStreamRelay(config)
+    try:
+        if upstream is None:
+            chunk = context_overflow_chat_response(config)
+            chunk["object"] = "chat.completion.chunk"
+            chunk["choices"][0]["delta"] = chunk["choices"][0].pop("message")
+            await response.write(f"data: {_dumps(chunk)}\n\n".encode())
+        else:
+            try:
+                async for data in _upstream_chunks(request, upstream):
+                    if relay.needs(data):
+                        data = _dumps(relay.rewrite(_parse_chunk(data))).encode()
+                    await response.write(b"data: " + data + b"\n\n")
+            except ConnectionResetError:
+                raise
+            except (ApiError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                failure = _stream_failure(request, exc)
+                log.warning("server %s: stream failed: %s", config.name, failure.message)
+                await response.write(f"data: {_dumps(failure.body())}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        await response.write_eof()
+    except ConnectionResetError:
+        log.info("server %s: client disconnected mid-stream; upstream request closed", config.name)
+    finally:
+        if upstream is not None:
+            upstream.close()
+    return response
 
 
 async def handle_models(request: web.Request) -> web.Response:

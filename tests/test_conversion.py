@@ -127,7 +127,8 @@ def test_tools_tool_choice_and_parallel_calls():
     ({"input": "q", "previous_response_id": "resp_1"}, "previous_response_id"),
     ({"input": "q", "background": True}, "background"),
     ({"input": "q", "conversation": "c"}, "conversation"),
-    ({"input": "q", "stream": True}, "stream"),
+    ({"input": "q", "stream": "yes"}, "stream"),
+    ({"input": "q", "stream": True, "stream_options": {"include_usage": True}}, "stream_options"),
     ({"input": "q", "truncation": "auto"}, "truncation"),
     ({"input": "q", "include": ["reasoning.encrypted_content"]}, "include"),
     ({"input": "q", "n": 2}, "n"),
@@ -199,7 +200,7 @@ def test_chat_endpoint_preparation():
     assert body["messages"][1]["content"].startswith("<think>")  # the caller's dict is not mutated
     assert gym_vllm.prepare_chat_request(body, NO_PARSER)["messages"][1] == body["messages"][1]
     for bad, param in (({"messages": []}, "messages"), ({"messages": [{"content": "x"}]}, "messages[0]"),
-                       ({"messages": [{"role": "user", "content": "q"}], "stream": True}, "stream")):
+                       ({"messages": [{"role": "user", "content": "q"}], "stream": 1}, "stream")):
         with pytest.raises(ApiError) as info:
             gym_vllm.prepare_chat_request(bad, BASE)
         assert info.value.param == param

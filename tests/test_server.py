@@ -70,8 +70,9 @@ async def test_sdk_raises_typed_errors(fake_upstreams, proxy):
     with pytest.raises(openai.BadRequestError) as info:
         await client.responses.create(model="tiny", input="q", previous_response_id="resp_1")
     assert info.value.body["param"] == "previous_response_id"
-    with pytest.raises(openai.BadRequestError):
-        await client.responses.create(model="tiny", input="q", stream=True)
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.responses.create(model="tiny", input="q", stream=True, tools=[{"type": "web_search"}])
+    assert info.value.body["param"] == "tools[0].type"  # a stream that cannot start is a plain error, not an event
 
 
 async def test_upstream_hang_hits_the_request_timeout(fake_upstreams, proxy):

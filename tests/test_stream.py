@@ -1,0 +1,302 @@
+"""The streaming state machine with plain data: chunks in, events out (sans-I/O), checked against the SDK's types."""
+
+import dataclasses
+import random
+
+import pydantic
+import pytest
+from openai.types.responses import Response, ResponseStreamEvent
+
+import gym_vllm
+from gym_vllm import ApiError
+from test_conversion import BASE, NO_PARSER, TRAIN
+
+EVENT = pydantic.TypeAdapter(ResponseStreamEvent)
+
+
+def chunk(delta=None, finish_reason=None, **extra):
+    choice = {"index": 0, "delta": delta or {}, "finish_reason": finish_reason, "logprobs": None}
+    return {"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1700000000, "model": "m", "choices": [choice], **extra}
+
+
+def text_chunks(pieces, finish_reason="stop", usage=True):
+    chunks = [chunk({"role": "assistant", "content": ""})]
+    chunks += [chunk({"content": piece}) for piece in pieces]
+    chunks.append(chunk({}, finish_reason))
+    if usage:
+        chunks.append({"id": "chatcmpl-1", "object": "chat.completion.chunk", "created": 1700000000, "model": "m", "choices": [],
+                       "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}})
+    return chunks
+
+
+def run(chunks, request=None, config=BASE):
+    machine = gym_vllm.ResponsesStream(request or {"input": "q", "stream": True}, config)
+    events = machine.start()
+    for c in chunks:
+        events += machine.feed(c)
+    return events + machine.finish()
+
+
+def check_lifecycle(events):
+    """Every invariant strict clients rely on; returns the final response."""
+    for event in events:
+        EVENT.validate_python(event)  # the SDK's own event types, strictly
+    assert [e["sequence_number"] for e in events] == list(range(len(events)))
+    assert [e["type"] for e in events[:2]] == ["response.created", "response.in_progress"]
+    assert events[-1]["type"] in ("response.completed", "response.incomplete", "response.failed")
+    response_ids = {e["response"]["id"] for e in events if "response" in e}
+    assert len(response_ids) == 1
+    open_index, done_items = None, []
+    texts: dict = {}
+    for event in events[2:-1]:
+        kind = event["type"]
+        if kind == "response.output_item.added":
+            assert open_index is None, "an item was added before the previous one was done"
+            open_index = event["output_index"]
+            assert open_index == len(done_items)
+            added = event["item"]
+        elif kind == "response.output_item.done":
+            assert event["output_index"] == open_index and event["item"]["id"] == added["id"]
+            done_items.append(event["item"])
+            open_index = None
+        elif kind == "error":
+            continue
+        else:
+            assert event["output_index"] == open_index, event
+            assert event["item_id"] == added["id"]
+            if kind.endswith(".delta"):
+                key = (open_index, kind, event.get("content_index", event.get("summary_index")))
+                texts[key] = texts.get(key, "") + event["delta"]
+            if kind in ("response.output_text.done", "response.reasoning_text.done", "response.reasoning_summary_text.done"):
+                key = (open_index, kind.replace(".done", ".delta"), event.get("content_index", event.get("summary_index")))
+                assert texts.get(key, "") == event["text"]
+            if kind == "response.function_call_arguments.done":
+                assert texts.get((open_index, "response.function_call_arguments.delta", None), "") == event["arguments"]
+    final = events[-1]["response"]
+    Response.model_validate(final)
+    if events[-1]["type"] != "response.failed":
+        assert open_index is None
+        assert final["output"] == done_items  # same items, same ids as streamed
+    return final
+
+
+def normalized(response):
+    """A response without the values that differ between two calls by design (ids, created_at)."""
+    response = {k: v for k, v in response.items() if k not in ("id", "created_at")}
+    response["output"] = [{k: v for k, v in item.items() if k != "id"} for item in response["output"]]
+    return response
+
+
+def non_streaming(text, finish_reason="stop", config=BASE, request=None, **message):
+    chat = {"id": "chatcmpl-1", "object": "chat.completion", "created": 1700000000, "model": "m",
+            "choices": [{"index": 0, "message": {"role": "assistant", "content": text, **message}, "finish_reason": finish_reason}],
+            "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}}
+    return gym_vllm.chat_response_to_responses(chat, request or {"input": "q", "stream": True}, config)
+
+
+def types(events):
+    return [e["type"] for e in events]
+
+
+# --- event sequences ----------------------------------------------------------------------
+
+
+def test_plain_text_event_order():
+    events = run(text_chunks(["Hel", "lo"]))
+    assert types(events) == [
+        "response.created", "response.in_progress", "response.output_item.added", "response.content_part.added",
+        "response.output_text.delta", "response.output_text.delta", "response.output_text.done",
+        "response.content_part.done", "response.output_item.done", "response.completed"]
+    final = check_lifecycle(events)
+    assert final["output"][0]["content"][0]["text"] == "Hello" and final["status"] == "completed"
+    assert final["usage"]["input_tokens"] == 10
+
+
+def test_leading_think_becomes_a_reasoning_item_before_the_message():
+    events = run(text_chunks(["<th", "ink>plan ", "it</th", "ink>\n\nAns", "wer"]))
+    final = check_lifecycle(events)
+    assert [item["type"] for item in final["output"]] == ["reasoning", "message"]
+    assert final["output"][0]["summary"] == [{"type": "summary_text", "text": "plan it"}]
+    assert final["output"][0]["content"] == [{"type": "reasoning_text", "text": "plan it"}]
+    assert final["output"][1]["content"][0]["text"] == "\n\nAnswer"
+    reasoning_events = [t for t in types(events) if "reasoning" in t]
+    assert reasoning_events == [
+        "response.reasoning_text.delta", "response.reasoning_text.done", "response.reasoning_summary_part.added",
+        "response.reasoning_summary_text.delta", "response.reasoning_summary_text.done", "response.reasoning_summary_part.done"]
+    # the reasoning item is done before the message is added
+    assert types(events).index("response.output_item.done") < types(events).index("response.output_text.delta")
+
+
+def test_think_after_text_stays_text_and_unterminated_think_stays_text():
+    mid = check_lifecycle(run(text_chunks(["Hi ", "<think>x</think>", " there"])))
+    assert [i["type"] for i in mid["output"]] == ["message"] and mid["output"][0]["content"][0]["text"] == "Hi <think>x</think> there"
+    open_ended = run(text_chunks(["<think>never ", "closed"], finish_reason="length"))
+    final = check_lifecycle(open_ended)
+    assert [i["type"] for i in final["output"]] == ["message"] and final["output"][0]["content"][0]["text"] == "<think>never closed"
+    assert final["status"] == "incomplete" and final["output"][0]["status"] == "incomplete"
+    assert types(open_ended)[-1] == "response.incomplete"
+    assert normalized(final) == normalized(non_streaming("<think>never closed", "length"))
+
+
+def test_parser_off_streams_think_as_text():
+    final = check_lifecycle(run(text_chunks(["<think>r</think>", "a"]), config=NO_PARSER))
+    assert final["output"][0]["content"][0]["text"] == "<think>r</think>a"
+
+
+def test_tool_calls_stream_as_function_call_items():
+    chunks = [chunk({"role": "assistant", "content": ""}),
+              chunk({"content": "<think>r</think>"}),
+              chunk({"tool_calls": [{"index": 0, "id": "chatcmpl-tool-a", "type": "function", "function": {"name": "f"}}]}),
+              chunk({"tool_calls": [{"index": 0, "function": {"arguments": "{\"a\""}}]}),
+              chunk({"tool_calls": [{"index": 0, "function": {"arguments": ": 1}"}}]}),
+              chunk({"tool_calls": [{"index": 1, "id": "chatcmpl-tool-b", "type": "function", "function": {"name": "g", "arguments": "{}"}}]}),
+              chunk({}, "tool_calls")]
+    events = run(chunks)
+    final = check_lifecycle(events)
+    assert [i["type"] for i in final["output"]] == ["reasoning", "function_call", "function_call"]
+    assert [(i["call_id"], i["name"], i["arguments"], i["status"]) for i in final["output"][1:]] == [
+        ("chatcmpl-tool-a", "f", "{\"a\": 1}", "completed"), ("chatcmpl-tool-b", "g", "{}", "completed")]
+    calls = [{"id": "chatcmpl-tool-a", "type": "function", "function": {"name": "f", "arguments": "{\"a\": 1}"}},
+             {"id": "chatcmpl-tool-b", "type": "function", "function": {"name": "g", "arguments": "{}"}}]
+    expected = non_streaming("<think>r</think>", "tool_calls", tool_calls=calls)
+    final["usage"] = expected["usage"]  # this stream had no usage chunk
+    assert normalized(final) == normalized(expected)
+
+
+def test_upstream_failure_mid_stream():
+    machine = gym_vllm.ResponsesStream({"input": "q", "stream": True}, BASE)
+    events = machine.start() + machine.feed(chunk({"content": "partial"}))
+    events += machine.fail(gym_vllm.upstream_error("vLLM broke off the stream"))
+    assert types(events)[-2:] == ["error", "response.failed"]
+    final = check_lifecycle(events)
+    assert final["status"] == "failed" and final["error"]["message"] == "vLLM broke off the stream"
+    assert final["output"][0]["content"][0]["text"] == "partial" and final["output"][0]["status"] == "incomplete"
+    with pytest.raises(ApiError):  # a stream that stops without a finish_reason is a failure, not a completion
+        gym_vllm.ResponsesStream({"input": "q"}, BASE).finish()
+
+
+def test_empty_reply_and_context_overflow():
+    empty = check_lifecycle(run(text_chunks([])))
+    assert [i["type"] for i in empty["output"]] == ["message"] and empty["output"][0]["content"][0]["text"] == ""
+    machine = gym_vllm.ResponsesStream({"input": "q", "stream": True}, TRAIN)
+    overflow = check_lifecycle(machine.start() + machine.context_overflow())
+    assert normalized(overflow) == normalized(gym_vllm.context_overflow_response({"input": "q", "stream": True}, TRAIN))
+
+
+def test_upstream_reasoning_field():
+    chunks = [chunk({"reasoning": "fro"}), chunk({"reasoning": "m vllm"}), chunk({"content": "answer"}), chunk({}, "stop")]
+    final = check_lifecycle(run(chunks))
+    assert [i["type"] for i in final["output"]] == ["reasoning", "message"]
+    assert final["output"][0]["summary"][0]["text"] == "from vllm"
+    with pytest.raises(ApiError) as info:
+        run(chunks, config=NO_PARSER)
+    assert "--reasoning-parser" in info.value.message
+
+
+def test_token_ids_accumulate_onto_the_last_item():
+    pieces = [("<think>r</think>", [7, 8], -0.5), ("A", [9], -0.25), ("B", [10], -1.0)]
+    chunks = [chunk({"role": "assistant", "content": ""}, prompt_token_ids=[1, 2, 3])]
+    for text, ids, logprob in pieces:
+        c = chunk({"content": text})
+        c["choices"][0]["token_ids"] = ids
+        c["choices"][0]["logprobs"] = {"content": [{"token": f"token_id:{i}", "logprob": logprob, "bytes": [], "top_logprobs": []} for i in ids]}
+        chunks.append(c)
+    chunks.append(chunk({}, "stop"))
+    events = run(chunks, config=TRAIN)
+    final = check_lifecycle(events)
+    last = final["output"][-1]
+    assert (last["prompt_token_ids"], last["generation_token_ids"], last["generation_log_probs"]) == (
+        [1, 2, 3], [7, 8, 9, 10], [-0.5, -0.5, -0.25, -1.0])
+    assert [e for e in events if e["type"] == "response.output_item.done"][-1]["item"]["generation_token_ids"] == [7, 8, 9, 10]
+    assert "generation_token_ids" not in final["output"][0]
+    broken = chunks[:-1] + [chunk({"content": "C"}), chunk({}, "stop")]
+    broken[-2]["choices"][0]["token_ids"] = [11]  # an id without its log prob
+    machine = gym_vllm.ResponsesStream({"input": "q"}, TRAIN)
+    machine.start()
+    for c in broken:
+        machine.feed(c)
+    with pytest.raises(ApiError):
+        machine.finish()
+    assert types(machine.fail(gym_vllm.upstream_error("x")))[-1] == "response.failed"  # and the stream can still end cleanly
+
+
+def test_malformed_chunks_raise_api_errors():
+    for bad in ([1], {"choices": "x"}, {"choices": [{"delta": "x"}]}, {"choices": [{"delta": {"content": 5}}]},
+                {"choices": [{"delta": {"tool_calls": [5]}}]}, {"choices": [{"delta": {"tool_calls": [{"function": {"arguments": 3}}]}}]}):
+        with pytest.raises(ApiError) as info:
+            gym_vllm.ResponsesStream({"input": "q"}, BASE).feed(bad)
+        assert info.value.status == 502
+
+
+# --- equivalence with the non-streaming path, on many random chunkings ------------------------
+
+TEXTS = [
+    "Hello world",
+    "<think>plan</think>Answer",
+    "\n<think>\nstep 1\nstep 2\n</think>\n\nThe answer is 42.  ",
+    "   <think></think>x",
+    "<think>only reasoning</think>",
+    "<think>unterminated reasoning",
+    "<thin",
+    "<",
+    "   ",
+    "",
+    "</think>stray close",
+    "<think>a<think>nested</think>rest",
+    "text with <b>tags</b> and </think>",
+    "<think>ü 🙂 unicode</think>ünïcödé",
+]
+
+
+def random_pieces(text, rng):
+    cuts = sorted(rng.sample(range(1, len(text)), rng.randint(0, len(text) - 1))) if len(text) > 1 else []
+    bounds = [0, *cuts, len(text)]
+    return [text[a:b] for a, b in zip(bounds, bounds[1:]) if b > a]
+
+
+@pytest.mark.parametrize("text", TEXTS)
+@pytest.mark.parametrize("finish_reason", ["stop", "length"])
+def test_stream_final_equals_non_streaming_for_every_chunking(text, finish_reason):
+    rng = random.Random(text + finish_reason)
+    request = {"input": "q", "stream": True, "instructions": "I", "metadata": {"k": "v"}, "max_output_tokens": 5}
+    expected = normalized(non_streaming(text, finish_reason, request=request))
+    for _ in range(60):
+        pieces = random_pieces(text, rng)
+        events = run(text_chunks(pieces, finish_reason), request=request)
+        final = check_lifecycle(events)
+        assert normalized(final) == expected, pieces
+
+
+def test_every_split_point_of_the_tags():
+    text = "<think>abc</think>def"
+    expected = normalized(non_streaming(text))
+    for i in range(1, len(text)):
+        for j in range(i + 1, len(text) + 1):
+            final = check_lifecycle(run(text_chunks([text[:i], text[i:j], text[j:]])))
+            assert normalized(final) == expected, (i, j)
+
+
+# --- chat streaming relay --------------------------------------------------------------------
+
+
+def test_chat_relay_wraps_reasoning_as_think_text():
+    relay = gym_vllm.ChatStreamRelay(BASE)
+    contents = []
+    for c in [chunk({"role": "assistant", "reasoning": "a"}), chunk({"reasoning": "b"}), chunk({"content": "x"}), chunk({"content": "y"}, "stop")]:
+        raw = gym_vllm._dumps(c).encode()
+        if relay.needs(raw):
+            c = relay.rewrite(c)
+        contents.append(c["choices"][0]["delta"].get("content"))
+    assert "".join(filter(None, contents)) == "<think>ab</think>xy"
+    only_reasoning = gym_vllm.ChatStreamRelay(BASE)
+    out = [only_reasoning.rewrite(c)["choices"][0]["delta"].get("content") for c in [chunk({"reasoning": "r"}), chunk({}, "length")]]
+    assert "".join(filter(None, out)) == "<think>r</think>"
+    with pytest.raises(ApiError):
+        gym_vllm.ChatStreamRelay(NO_PARSER).rewrite(chunk({"reasoning": "r"}))
+    assert not gym_vllm.ChatStreamRelay(BASE).needs(b'{"choices":[{"delta":{"content":"x"}}]}')
+
+
+def test_stream_machine_uses_dataclass_config():
+    # the same config object drives both paths: a replaced one is honoured
+    config = dataclasses.replace(BASE, model="other")
+    assert check_lifecycle(run(text_chunks(["a"]), config=config))["model"] == "other"
