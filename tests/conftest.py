@@ -91,6 +91,8 @@ class FakeUpstream:
                                                 "param": "temperature", "code": 400}}, status=400)
         if command == "notjson":
             return web.Response(text="<html>gateway</html>", status=200)
+        if body.get("stream"):
+            return await self.stream(request, body, command)
         if command == "reasoning":
             return web.json_response(fake_completion(body, "answer", reasoning_content="separate reasoning"))
         if command == "no_prompt_ids":
@@ -98,6 +100,49 @@ class FakeUpstream:
             chat.pop("prompt_token_ids", None)
             return web.json_response(chat)
         return web.json_response(fake_completion(body))
+
+    async def stream(self, request: web.Request, body: dict, command: str) -> web.StreamResponse:
+        """vLLM-shaped SSE: a role chunk, content in 4-character pieces, a finish chunk, usage, [DONE]."""
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+
+        async def send(delta: dict, finish_reason=None, **extra) -> None:
+            choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
+            if body.get("return_token_ids") and delta.get("content"):
+                choice["token_ids"] = [ord(delta["content"][0])]
+                choice["logprobs"] = {"content": [{"token": f"token_id:{ord(delta['content'][0])}", "logprob": -0.5, "bytes": [], "top_logprobs": []}]}
+            chunk = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1700000000, "model": body["model"],
+                     "choices": [choice], **extra}
+            await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
+
+        prompt = {"prompt_token_ids": [1, 2, 3, 4]} if body.get("return_token_ids") else {}
+        await send({"role": "assistant", "content": ""}, **prompt)
+        if command == "slow":  # streams for 10 s unless the proxy hangs up first
+            self.stream_closed = None
+            try:
+                for _ in range(200):
+                    await send({"content": "x"})
+                    await asyncio.sleep(0.05)
+            except (ConnectionResetError, asyncio.CancelledError):  # aiohttp cancels a handler whose client left
+                self.stream_closed = asyncio.get_running_loop().time()
+            return response
+        if command == "reasoning":
+            await send({"reasoning_content": "separate reasoning"})
+        text = "answer" if command == "reasoning" else "<think>stub reasoning</think>Hello from stub"
+        for i in range(0, len(text), 4):
+            await send({"content": text[i:i + 4]})
+            if command == "drop_mid" and i >= 8:
+                request.transport.close()
+                return response
+            if command == "error_mid" and i >= 8:
+                await response.write(b'data: {"error": {"message": "engine died", "type": "InternalServerError", "code": 500}}\n\n')
+                return response
+        await send({}, "stop")
+        usage = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1700000000, "model": body["model"],
+                 "choices": [], "usage": {"prompt_tokens": 7, "completion_tokens": 3, "total_tokens": 10}}
+        await response.write(f"data: {json.dumps(usage)}\n\n".encode())
+        await response.write(b"data: [DONE]\n\n")
+        return response
 
     async def tokenize(self, request: web.Request) -> web.Response:
         body = await request.json()

@@ -1,0 +1,184 @@
+"""Streaming over real sockets with the official SDK, against the fake upstream (faults) and real vLLM."""
+
+import asyncio
+import json
+import re
+import time
+
+import aiohttp
+import openai
+import pytest
+
+from conftest import VLLM_API_KEY, assert_openai_error, server_config, strict_client
+from test_stream import check_lifecycle, normalized
+from test_vllm import FORCED_CALL, WEATHER_TOOL
+
+
+async def read_sse(response: aiohttp.ClientResponse) -> list[dict]:
+    events = []
+    async for line in response.content:
+        if line.startswith(b"data: "):
+            events.append(json.loads(line[6:]))
+    return events
+
+
+async def post_stream(base, body, **kwargs):
+    async with aiohttp.ClientSession() as http:
+        async with http.post(base + "/responses", json={"stream": True, **body}, **kwargs) as answer:
+            assert answer.status == 200 and answer.headers["Content-Type"].startswith("text/event-stream")
+            return await read_sse(answer)
+
+
+# --- fake upstream: shapes and faults ------------------------------------------------------------
+
+
+async def test_sdk_stream_helper_and_create_stream(fake_upstreams, proxy):
+    [(fake, url)] = await fake_upstreams(1)
+    client = strict_client(await proxy(server_config(url, return_token_id_information=True)))
+    async with client.responses.stream(model="tiny", input="hi") as stream:
+        seen = [event.type async for event in stream]
+        final = await stream.get_final_response()
+    assert seen[0] == "response.created" and seen[-1] == "response.completed"
+    assert [item.type for item in final.output] == ["reasoning", "message"] and final.output_text == "Hello from stub"
+    tokens = final.output[-1].model_dump()
+    assert tokens["prompt_token_ids"] == [1, 2, 3, 4] and len(tokens["generation_token_ids"]) == len(tokens["generation_log_probs"]) > 0
+    assert fake.requests[-1]["stream"] is True and fake.requests[-1]["stream_options"] == {"include_usage": True}
+    events = [event async for event in await client.responses.create(model="tiny", input="hi", stream=True)]
+    assert [e.type for e in events][-1] == "response.completed" and events[-1].response.usage.total_tokens == 10
+
+
+async def test_stream_equals_non_streaming(fake_upstreams, proxy):
+    [(_, url)] = await fake_upstreams(1)
+    base = await proxy(server_config(url))
+    streamed = check_lifecycle(await post_stream(base, {"input": "hi"}))
+    async with aiohttp.ClientSession() as http:
+        async with http.post(base + "/responses", json={"input": "hi", "stream": False}) as answer:
+            plain = await answer.json()
+    assert normalized(streamed) == normalized(plain)
+
+
+@pytest.mark.parametrize("command, fragment", [("drop_mid", "broke off the stream"), ("error_mid", "engine died")])
+async def test_upstream_failure_mid_stream_ends_with_response_failed(fake_upstreams, proxy, command, fragment):
+    [(_, url)] = await fake_upstreams(1)
+    base = await proxy(server_config(url))
+    events = await post_stream(base, {"input": command})
+    assert [e["type"] for e in events][-2:] == ["error", "response.failed"]
+    assert fragment in events[-2]["message"]
+    final = check_lifecycle(events)
+    assert final["status"] == "failed"
+    assert all(item["status"] == "incomplete" for item in final["output"])  # the held-back <think> never reached the client
+    async with aiohttp.ClientSession() as http:  # chat streams end with an error chunk, then [DONE]
+        async with http.post(base + "/chat/completions", json={"messages": [{"role": "user", "content": command}], "stream": True}) as answer:
+            lines = [line async for line in answer.content if line.strip()]
+    assert lines[-1] == b"data: [DONE]\n" and fragment in json.loads(lines[-2][6:])["error"]["message"]
+
+
+async def test_errors_before_the_stream_starts_are_plain_json(fake_upstreams, proxy):
+    [(_, url)] = await fake_upstreams(1)
+    base = await proxy(server_config(url, uses_reasoning_parser=False))
+    async with aiohttp.ClientSession() as http:
+        async with http.post(base + "/responses", json={"input": "fail500", "stream": True}) as answer:
+            assert answer.status == 502 and assert_openai_error(502, await answer.json())["code"] == "upstream_error"
+    events = await post_stream(base, {"input": "reasoning"})  # parser off, vLLM sends reasoning: fails in-stream
+    assert events[-1]["type"] == "response.failed" and "--reasoning-parser" in events[-2]["message"]
+    overflow = check_lifecycle(await post_stream(base, {"input": "ctx"}))
+    assert overflow["status"] == "incomplete" and overflow["incomplete_details"] == {"reason": "max_output_tokens"}
+
+
+async def test_chat_stream_relay(fake_upstreams, proxy):
+    [(_, url)] = await fake_upstreams(1)
+    client = strict_client(await proxy(server_config(url)))
+    chunks = [c async for c in await client.chat.completions.create(model="x", messages=[{"role": "user", "content": "reasoning"}], stream=True)]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == "<think>separate reasoning</think>answer"
+    assert chunks[-1].usage.total_tokens == 10
+
+
+async def test_client_disconnect_closes_the_upstream(fake_upstreams, proxy):
+    [(fake, url)] = await fake_upstreams(1)
+    base = await proxy(server_config(url))
+    async with aiohttp.ClientSession() as http:
+        async with http.post(base + "/responses", json={"input": "slow", "stream": True}) as answer:
+            async for line in answer.content:
+                if b"output_text.delta" in line:
+                    break
+        hung_up = asyncio.get_running_loop().time()
+    for _ in range(60):
+        if getattr(fake, "stream_closed", None):
+            break
+        await asyncio.sleep(0.05)
+    assert fake.stream_closed is not None and fake.stream_closed - hung_up < 2.0
+
+
+# --- real vLLM ------------------------------------------------------------------------------------
+
+
+@pytest.mark.vllm
+async def test_real_stream_with_the_sdk_helper(vllm_engine, proxy):
+    client = strict_client(await proxy(server_config(vllm_engine, return_token_id_information=True)))
+    async with client.responses.stream(model="tiny", input="Think first", temperature=0, max_output_tokens=64,
+                                       extra_body={"structured_outputs": {"regex": "<think>abc</think>hello world"}}) as stream:
+        deltas = [event.delta async for event in stream if event.type == "response.output_text.delta"]
+        final = await stream.get_final_response()
+    assert [item.type for item in final.output] == ["reasoning", "message"]
+    assert final.output[0].summary[0].text == "abc" and final.output_text == "hello world" == "".join(deltas)
+    assert len(deltas) > 1  # token by token, not one buffered blob
+    tokens = final.output[-1].model_dump()
+    assert len(tokens["generation_token_ids"]) == len(tokens["generation_log_probs"]) == final.usage.output_tokens
+    # the same request without streaming gives the same response and the same tokens
+    plain = await client.responses.create(model="tiny", input="Think first", temperature=0, max_output_tokens=64,
+                                          extra_body={"structured_outputs": {"regex": "<think>abc</think>hello world"}})
+    plain_tokens = plain.output[-1].model_dump()
+    assert plain_tokens["generation_token_ids"] == tokens["generation_token_ids"]
+    assert plain_tokens["prompt_token_ids"] == tokens["prompt_token_ids"]
+    assert plain_tokens["generation_log_probs"] == pytest.approx(tokens["generation_log_probs"], abs=1e-4)
+
+    def without_log_probs(response):
+        response = normalized(response.model_dump())
+        response["output"][-1].pop("generation_log_probs")
+        for part in response["output"][-1]["content"]:
+            part.pop("parsed", None)  # the SDK's stream helper adds it to what it parses
+        return response
+
+    assert without_log_probs(plain) == without_log_probs(final)
+
+
+@pytest.mark.vllm
+async def test_real_stream_events_tool_call_and_length_stop(vllm_engine, proxy):
+    base = await proxy(server_config(vllm_engine))
+    client = strict_client(base)
+    events = [e async for e in await client.responses.create(model="tiny", input="Weather?", tools=[WEATHER_TOOL], temperature=0,
+                                                               max_output_tokens=64, stream=True, extra_body={"structured_outputs": FORCED_CALL})]
+    final = events[-1].response
+    [call] = [item for item in final.output if item.type == "function_call"]
+    assert call.name == "get_weather" and json.loads(call.arguments) == {"city": "Paris"}
+    assert any(e.type == "response.function_call_arguments.delta" for e in events)
+    check_lifecycle([e.model_dump(exclude_unset=True) for e in events])
+    cut = check_lifecycle(await post_stream(base, {"input": "Hi", "max_output_tokens": 5}))
+    assert cut["status"] == "incomplete" and cut["incomplete_details"] == {"reason": "max_output_tokens"}
+    chunks = [c async for c in await client.chat.completions.create(model="x", messages=[{"role": "user", "content": "Hi"}],
+                                                                    max_tokens=5, stream=True, stream_options={"include_usage": True})]
+    assert chunks[-1].usage.completion_tokens == 5
+
+
+async def running_requests(engine_base: str) -> float:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(engine_base.removesuffix("/v1") + "/metrics") as answer:
+            text = await answer.text()
+    return sum(float(m) for m in re.findall(r"^vllm:num_requests_running\{[^}]*\} (\S+)$", text, re.M))
+
+
+@pytest.mark.vllm
+async def test_real_engine_aborts_when_the_client_hangs_up(vllm_engine, proxy):
+    base = await proxy(server_config(vllm_engine))
+    async with aiohttp.ClientSession() as http:
+        async with http.post(base + "/responses", json={"input": "Hi", "stream": True, "max_output_tokens": 900,
+                                                        "ignore_eos": True}) as answer:
+            async for line in answer.content:
+                if b"output_text.delta" in line:
+                    break
+            assert await running_requests(vllm_engine) == 1
+    started = time.monotonic()
+    while await running_requests(vllm_engine) > 0:
+        assert time.monotonic() - started < 5, "vLLM kept generating after the client hung up"
+        await asyncio.sleep(0.1)
