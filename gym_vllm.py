@@ -1651,11 +1651,11 @@ def _client_gone(request: web.Request) -> bool:
 
 
 async def _upstream_chunks(request: web.Request, upstream: aiohttp.ClientResponse):
-    """Yields (raw data line, parsed chunk or None for lines passed on as they are) until `[DONE]`.
+    """Yields the payload of each `data:` line of vLLM's stream until `[DONE]`.
 
     Reading pauses while the client is slow (each write awaits the socket), so nothing buffers
     without bound; a client that is gone raises ConnectionResetError, which closes the upstream
-    connection and makes vLLM abort the generation.
+    connection and makes vLLM abort the generation. A stream that ends without `[DONE]` was cut.
     """
     async for line in upstream.content:
         if _client_gone(request):
@@ -1666,6 +1666,7 @@ async def _upstream_chunks(request: web.Request, upstream: aiohttp.ClientRespons
         if data == b"[DONE]":
             return
         yield data
+    raise upstream_error("vLLM closed the stream before `data: [DONE]`", code="upstream_unreachable")
 
 
 def _parse_chunk(data: bytes) -> dict:
@@ -1732,7 +1733,7 @@ async def _stream_chat(request: web.Request, upstream: aiohttp.ClientResponse | 
         else:
             try:
                 async for data in _upstream_chunks(request, upstream):
-                    if relay.needs(data):
+                    if relay.needs(data) or data.startswith(b'{"error"'):  # vLLM reports mid-stream failures this way
                         data = _dumps(relay.rewrite(_parse_chunk(data))).encode()
                     await response.write(b"data: " + data + b"\n\n")
             except ConnectionResetError:

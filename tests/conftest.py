@@ -126,6 +126,16 @@ class FakeUpstream:
             except (ConnectionResetError, asyncio.CancelledError):  # aiohttp cancels a handler whose client left
                 self.stream_closed = asyncio.get_running_loop().time()
             return response
+        if command == "flood":  # far more than any buffer holds: a slow reader must stall this writer
+            self.flood_sent = 0
+            piece = "y" * 1000
+            while self.flood_sent < 64_000_000:
+                await send({"content": piece})
+                self.flood_sent += len(piece)
+            return response
+        if command == "eof_mid":  # a clean end of the body, but no finish chunk and no [DONE]
+            await send({"content": "partial"})
+            return response
         if command == "reasoning":
             await send({"reasoning_content": "separate reasoning"})
         text = "answer" if command == "reasoning" else "<think>stub reasoning</think>Hello from stub"

@@ -57,7 +57,8 @@ async def test_stream_equals_non_streaming(fake_upstreams, proxy):
     assert normalized(streamed) == normalized(plain)
 
 
-@pytest.mark.parametrize("command, fragment", [("drop_mid", "broke off the stream"), ("error_mid", "engine died")])
+@pytest.mark.parametrize("command, fragment", [("drop_mid", "broke off the stream"), ("error_mid", "engine died"),
+                                               ("eof_mid", "before `data: [DONE]`")])
 async def test_upstream_failure_mid_stream_ends_with_response_failed(fake_upstreams, proxy, command, fragment):
     [(_, url)] = await fake_upstreams(1)
     base = await proxy(server_config(url))
@@ -108,6 +109,26 @@ async def test_client_disconnect_closes_the_upstream(fake_upstreams, proxy):
             break
         await asyncio.sleep(0.05)
     assert fake.stream_closed is not None and fake.stream_closed - hung_up < 2.0
+
+
+@pytest.mark.parametrize("path, body", [("/responses", {"input": "flood", "stream": True}),
+                                        ("/chat/completions", {"messages": [{"role": "user", "content": "flood"}], "stream": True})])
+async def test_a_slow_reader_stalls_the_upstream_instead_of_buffering(fake_upstreams, proxy, path, body):
+    [(fake, url)] = await fake_upstreams(1)
+    base = await proxy(server_config(url))
+    async with aiohttp.ClientSession() as http:
+        async with http.post(base + path, json=body) as answer:
+            await answer.content.readline()
+            await asyncio.sleep(1.5)  # the client reads nothing: every buffer on the way fills, then the writer waits
+            stalled_at = fake.flood_sent
+            await asyncio.sleep(0.5)
+            assert fake.flood_sent == stalled_at < 16_000_000  # of the 64 MB the upstream wanted to send
+            received = 0
+            async for data in answer.content.iter_any():  # and reading resumes the flow
+                received += len(data)
+                if received > 20_000_000:
+                    break
+    assert fake.flood_sent > stalled_at
 
 
 # --- real vLLM ------------------------------------------------------------------------------------
