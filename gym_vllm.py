@@ -292,8 +292,28 @@ def _merge(base: dict, extra: dict) -> dict:
     return merged
 
 
-def load_config(paths: Sequence[str], env_path: str | None = None) -> list[ServerConfig]:
-    """Loads every `vllm_model` server from the config files (comma-separated entries allowed).
+@dataclasses.dataclass(frozen=True)
+class ServerBlock:
+    """One model server block of the config files, interpolated but not yet validated."""
+
+    name: str
+    kind: str  # vllm_model | local_vllm_model | deployment (the evaluator shape, a top-level `deployment:`)
+    values: dict
+    source: str
+
+    @property
+    def where(self) -> str:
+        """The block's place, for error messages: `file: server.responses_api_models.kind`."""
+        if self.kind == "deployment":
+            return f"{self.source}: deployment"
+        return f"{self.source}: {self.name}.responses_api_models.{self.kind}"
+
+
+SERVER_KINDS = ("vllm_model", "local_vllm_model")
+
+
+def load_server_blocks(paths: Sequence[str], env_path: str | None = None) -> list[ServerBlock]:
+    """Reads the config files into server blocks: merged, interpolated, shape-checked (local_vllm uses it too).
 
     Variables come from `env_path` (default: ./env.yaml if present) and from top-level scalar keys of
     the config files; files later in the list win, as in NeMo Gym.
@@ -326,9 +346,12 @@ def load_config(paths: Sequence[str], env_path: str | None = None) -> list[Serve
             else:  # top-level scalars are variables for ${...}, like NeMo Gym's global config
                 variables = {**variables, key: value}
 
-    configs = []
+    blocks = []
     for name, block in servers.items():
         source = sources[name]
+        if name == "deployment":  # the evaluator's shape: one engine, described at the top level
+            blocks.append(ServerBlock(name, "deployment", _interpolate(block, variables, f"{source}: deployment", env_hint), source))
+            continue
         kinds = block.get("responses_api_models")
         others = sorted(set(block) - {"responses_api_models"})
         if kinds is None and others and set(others) <= {"resources_servers", "responses_api_agents"}:
@@ -341,16 +364,31 @@ def load_config(paths: Sequence[str], env_path: str | None = None) -> list[Serve
         if not isinstance(kinds, dict) or len(kinds) != 1:
             raise ConfigError(f"{source}: {name}.responses_api_models: must hold exactly one server type, `vllm_model`")
         [(kind, values)] = kinds.items()
-        if kind == "local_vllm_model":
-            raise ConfigError(f"{source}: {name}.responses_api_models.local_vllm_model: start this server with `python -m local_vllm --config {source}`")
-        if kind != "vllm_model":
-            raise ConfigError(f"{source}: {name}.responses_api_models.{kind}: unknown server type{_did_you_mean(str(kind), ['vllm_model'])}")
-        values = _interpolate(values, variables, f"{source}: {name}.responses_api_models.vllm_model", env_hint)
-        configs.append(server_config_from_dict(name, values, source))
-    if not configs:
-        raise ConfigError(f"{', '.join(files)}: no `vllm_model` server found; see configs/vllm_model.yaml for the shape")
+        if kind not in SERVER_KINDS:
+            raise ConfigError(f"{source}: {name}.responses_api_models.{kind}: unknown server type{_did_you_mean(str(kind), SERVER_KINDS)}")
+        where = f"{source}: {name}.responses_api_models.{kind}"
+        if not isinstance(values, dict):
+            raise ConfigError(f"{where}: must be a mapping of settings, got {type(values).__name__}")
+        blocks.append(ServerBlock(name, kind, _interpolate(values, variables, where, env_hint), source))
+    if not blocks:
+        raise ConfigError(f"{', '.join(files)}: no model server found; see configs/vllm_model.yaml for the shape")
+    return blocks
+
+
+def load_config(paths: Sequence[str], env_path: str | None = None) -> list[ServerConfig]:
+    """Loads every `vllm_model` server from the config files (comma-separated entries allowed)."""
+    configs = []
+    for block in load_server_blocks(paths, env_path):
+        if block.kind != "vllm_model" or str(block.values.get("base_url", "")).startswith(LOCAL_ENGINE_PREFIX):
+            raise ConfigError(f"{block.where}: this server needs a local engine; start it with "
+                              f"`python -m local_vllm --config {block.source}`")
+        configs.append(server_config_from_dict(block.name, block.values, block.source))
     _check_ports(configs)
     return configs
+
+
+# `base_url: local:<server>` points a vllm_model server at the engine local_vllm runs for <server>.
+LOCAL_ENGINE_PREFIX = "local:"
 
 
 def _check_ports(configs: Sequence[ServerConfig]) -> None:
@@ -1423,11 +1461,16 @@ class SessionTable:
             self._entries.popitem(last=False)
 
 
-@dataclasses.dataclass(frozen=True)
+@dataclasses.dataclass
 class Upstream:
-    """One vLLM OpenAI server, addressed by its base URL (ending in /v1 by convention)."""
+    """One vLLM OpenAI server, addressed by its base URL (ending in /v1 by convention).
+
+    `unavailable` holds why it cannot serve right now (e.g. local_vllm is restarting its engine):
+    requests routed to it get a 503 with that message at once instead of a connection error.
+    """
 
     base_url: str
+    unavailable: str | None = None
 
     @property
     def chat_url(self) -> str:
@@ -1573,6 +1616,8 @@ async def _chat_upstream(request: web.Request, session_id: str, chat_body: dict)
     """
     config = request.app[CONFIG_KEY]
     upstream = request.app[BALANCER_KEY].upstream_for(session_id)
+    if upstream.unavailable:
+        raise ApiError(503, upstream.unavailable, code="upstream_unavailable")
     response = await _open_upstream(request, upstream.chat_url, chat_body)
     if response.status == 200 and chat_body.get("stream"):
         return response

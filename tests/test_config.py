@@ -124,7 +124,7 @@ def test_config_errors_name_file_and_key(tmp_path, body, fragment):
     ("policy_model: {responses_api_models: {local_vllm_model: {}}}", "python -m local_vllm"),
     ("policy_model: {responses_api_models: {vllm_modle: {}}}", "unknown server type (did you mean `vllm_model`?)"),
     ("policy_model: {responses_api_model: {}}", "policy_model.responses_api_model: unknown key (did you mean `responses_api_models`?)"),
-    ("just: a scalar", "no `vllm_model` server found"),
+    ("just: a scalar", "no model server found"),
     ("- a list", "must be a mapping"),
     ("a: [unclosed", "invalid YAML"),
 ])
