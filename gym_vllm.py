@@ -1886,12 +1886,14 @@ def build_app(config: ServerConfig) -> web.Application:
 # ============================================================================================
 
 
-async def start_server(config: ServerConfig, host: str | None = None, port: int | None = None) -> web.AppRunner:
+async def start_server(config: ServerConfig, host: str | None = None, port: int | None = None,
+                       app: web.Application | None = None) -> web.AppRunner:
     """Starts one server and returns its runner (`await runner.cleanup()` stops it).
 
-    `port=0` picks a free port; read it back from `runner.addresses`.
+    `port=0` picks a free port; read it back from `runner.addresses`. `app` serves an application
+    already built with `build_app(config)` (local_vllm keeps hold of its upstreams).
     """
-    runner = web.AppRunner(build_app(config), access_log=None, handle_signals=False, shutdown_timeout=30)
+    runner = web.AppRunner(app or build_app(config), access_log=None, handle_signals=False, shutdown_timeout=30)
     await runner.setup()
     site = web.TCPSite(runner, host or config.host, config.port if port is None else port)
     try:

@@ -1,0 +1,496 @@
+"""Streaming benchmark: gym_vllm vs a bare pass-through proxy vs talking to the upstream directly.
+
+Run it (from the repository root)::
+
+    .venv/bin/python bench/bench_stream.py [--tokens 256] [--concurrency 1,64,256] [--seconds 8] [--json out.json]
+
+It starts three processes on free ports: `bench/fake_upstream.py` (a cheap vLLM look-alike),
+`bench/passthrough.py` (a bare aiohttp proxy, the floor) and `python -m gym_vllm` (with a temporary
+config), waits until each answers, then for every concurrency level C runs, one after the other:
+
+    direct      chat streaming straight to the fake upstream
+    passthrough chat streaming through the bare proxy
+    gym-chat    chat streaming through gym_vllm (`/v1/chat/completions`, stream true)
+    gym-resp    Responses streaming through gym_vllm (`/v1/responses`, stream true)
+
+The load generator is asyncio with one aiohttp ClientSession: C workers in a closed loop for
+`--warmup` + `--seconds`; only requests that finish inside the measurement window count. SSE events
+are counted by `\\n\\n` separators over `iter_any()` chunks (a separator split across two chunks counts
+once). A request counts as an error unless it is HTTP 200 with exactly the event count of a probe
+request checked in full beforehand.
+
+The machine is shared by all processes, so besides throughput it reports each process's own CPU
+time (utime+stime from /proc/<pid>/stat, 1/CLK_TCK resolution) over the window, per event received
+by the client. `--profile-gym FILE` runs gym_vllm under cProfile and prints its top functions at the
+end (its CPU numbers are then inflated by the profiler).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import dataclasses
+import json
+import math
+import os
+import platform
+import pstats
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+from typing import Any, Callable
+
+import aiohttp
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+JSON_HEADERS = {"Content-Type": "application/json", "Authorization": "Bearer bench"}
+
+
+# ============================================================================================
+# Child processes
+# ============================================================================================
+
+
+class StartError(RuntimeError):
+    """A child process did not come up; the message carries its stderr tail."""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads), in seconds."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        fields = f.read().rsplit(b")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of proc(5), counted from `state`
+
+
+def _die_with_parent() -> None:
+    """In the child: get SIGTERM if the benchmark dies without cleaning up (Linux PR_SET_PDEATHSIG)."""
+    with contextlib.suppress(Exception):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
+
+
+class Child:
+    """A server process with its stderr in a temp file, and a URL that answers 200 once it is ready."""
+
+    def __init__(self, name: str, argv: list[str], ready_url: str, workdir: Path) -> None:
+        self.name = name
+        self.argv = argv
+        self.ready_url = ready_url
+        self.stderr_path = workdir / f"{name}.stderr"
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def pid(self) -> int:
+        assert self.process is not None
+        return self.process.pid
+
+    def start(self) -> None:
+        with open(self.stderr_path, "wb") as stderr:
+            self.process = subprocess.Popen(self.argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
+                                            start_new_session=True, preexec_fn=_die_with_parent)
+
+    def stderr_tail(self, lines: int = 25) -> str:
+        try:
+            text = self.stderr_path.read_text(errors="replace")
+        except OSError:
+            return "(no stderr captured)"
+        return "\n".join(text.splitlines()[-lines:]) or "(stderr is empty)"
+
+    def wait_ready(self, timeout_s: float = 30.0) -> None:
+        assert self.process is not None
+        deadline = time.monotonic() + timeout_s
+        last_error = "no answer yet"
+        while time.monotonic() < deadline:
+            code = self.process.poll()
+            if code is not None:
+                raise StartError(f"{self.name} exited with code {code} before answering {self.ready_url}\n"
+                                 f"command: {' '.join(self.argv)}\n--- stderr tail ---\n{self.stderr_tail()}")
+            try:
+                with urllib.request.urlopen(self.ready_url, timeout=2) as response:
+                    if response.status == 200:
+                        return
+                    last_error = f"HTTP {response.status}"
+            except (urllib.error.URLError, OSError) as exc:
+                last_error = str(exc)
+            time.sleep(0.1)
+        raise StartError(f"{self.name} did not answer {self.ready_url} within {timeout_s:g} s ({last_error})\n"
+                         f"command: {' '.join(self.argv)}\n--- stderr tail ---\n{self.stderr_tail()}")
+
+    def stop(self, grace_s: float = 10.0) -> int | None:
+        """SIGTERM, then SIGKILL after `grace_s`; returns the exit code."""
+        process = self.process
+        if process is None or process.poll() is not None:
+            return None if process is None else process.returncode
+        process.send_signal(signal.SIGTERM)
+        try:
+            return process.wait(grace_s)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            return process.wait()
+
+
+def gym_config(upstream_port: int, gym_port: int) -> str:
+    return f"""bench_model:
+  responses_api_models:
+    vllm_model:
+      base_url: http://127.0.0.1:{upstream_port}/v1
+      api_key: bench
+      model: bench
+      return_token_id_information: false
+      uses_reasoning_parser: true
+      port: {gym_port}
+"""
+
+
+# ============================================================================================
+# Load generator
+# ============================================================================================
+
+
+@dataclasses.dataclass
+class Target:
+    key: str
+    label: str
+    url: str
+    body: bytes
+    proxy: Child | None          # the process whose CPU is the proxy's (None: direct)
+    is_responses: bool = False
+
+
+@dataclasses.dataclass
+class Sample:
+    ok: bool
+    end: float                   # perf_counter when the last byte arrived
+    ttfb: float
+    total: float
+    events: int
+    error: str = ""
+
+
+class SseCounter:
+    """Counts `\\n\\n` event separators over arbitrary chunks, including one split across two chunks."""
+
+    __slots__ = ("events", "pending")
+
+    def __init__(self) -> None:
+        self.events = 0
+        self.pending = False     # the previous chunk ended in a `\n` that is not yet part of a separator
+
+    def feed(self, chunk: bytes) -> None:
+        start = 0
+        if self.pending and chunk[:1] == b"\n":
+            self.events += 1
+            start = 1
+        self.events += chunk.count(b"\n\n", start)
+        rest = len(chunk) - start
+        self.pending = rest >= 1 and chunk[-1] == 10 and not (rest >= 2 and chunk[-2] == 10)
+
+
+async def one_request(session: aiohttp.ClientSession, target: Target, expected_events: int | None) -> Sample:
+    begin = time.perf_counter()
+    first: float | None = None
+    counter = SseCounter()
+    try:
+        async with session.post(target.url, data=target.body, headers=JSON_HEADERS) as response:
+            if response.status != 200:
+                text = (await response.read())[:200].decode(errors="replace")
+                end = time.perf_counter()
+                return Sample(False, end, end - begin, end - begin, 0, f"HTTP {response.status}: {text}")
+            async for chunk in response.content.iter_any():
+                if first is None:
+                    first = time.perf_counter()
+                counter.feed(chunk)
+    except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+        end = time.perf_counter()
+        return Sample(False, end, end - begin, end - begin, counter.events, f"{exc.__class__.__name__}: {exc}")
+    end = time.perf_counter()
+    ok = expected_events is None or counter.events == expected_events
+    error = "" if ok else f"{counter.events} events, expected {expected_events}"
+    return Sample(ok, end, (first or end) - begin, end - begin, counter.events, error)
+
+
+async def probe(session: aiohttp.ClientSession, target: Target) -> int:
+    """One request read in full and checked; returns its event count (what every later request must have)."""
+    async with session.post(target.url, data=target.body, headers=JSON_HEADERS) as response:
+        raw = await response.read()
+        if response.status != 200:
+            raise RuntimeError(f"{target.label}: probe answered HTTP {response.status}: {raw[:300]!r}")
+    events = [event for event in raw.decode().split("\n\n") if event.strip()]
+    last = events[-1] if events else ""
+    if target.is_responses:
+        data = json.loads(last.split("data: ", 1)[1]) if "data: " in last else {}
+        if data.get("type") not in ("response.completed", "response.incomplete"):
+            raise RuntimeError(f"{target.label}: probe stream does not end in response.completed/incomplete: {last[:300]!r}")
+    elif last.strip() != "data: [DONE]":
+        raise RuntimeError(f"{target.label}: probe stream does not end in `data: [DONE]`: {last[:300]!r}")
+    counter = SseCounter()
+    counter.feed(raw)
+    return counter.events
+
+
+def percentile(values: list[float], q: float) -> float:
+    """Nearest-rank percentile (q in 0..1); NaN for no values."""
+    if not values:
+        return math.nan
+    ordered = sorted(values)
+    return ordered[max(0, min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1))]
+
+
+@dataclasses.dataclass
+class Result:
+    concurrency: int
+    target: str
+    label: str
+    window_s: float
+    requests: int
+    errors: int
+    first_error: str
+    events_per_request: int
+    requests_per_s: float
+    events_per_s: float
+    ttfb_p50_ms: float
+    ttfb_p99_ms: float
+    total_p50_ms: float
+    total_p99_ms: float
+    proxy_cpu_s: float | None
+    proxy_cpu_percent: float | None
+    proxy_cpu_us_per_event: float | None
+    upstream_cpu_us_per_event: float
+    loadgen_cpu_us_per_event: float
+    vs_passthrough: float | None = None
+
+
+async def run_target(session: aiohttp.ClientSession, target: Target, upstream: Child, concurrency: int,
+                     warmup_s: float, seconds: float) -> Result:
+    expected = await probe(session, target)
+    samples: list[Sample] = []
+    marks: dict[str, tuple[float, float | None, float, float]] = {}
+    begin = time.perf_counter()
+    window_start, deadline = begin + warmup_s, begin + warmup_s + seconds
+
+    def mark(name: str) -> None:
+        proxy_cpu = cpu_seconds(target.proxy.pid) if target.proxy else None
+        marks[name] = (time.perf_counter(), proxy_cpu, cpu_seconds(upstream.pid), time.process_time())
+
+    async def at(when: float, name: str) -> None:
+        await asyncio.sleep(max(0.0, when - time.perf_counter()))
+        mark(name)
+
+    async def worker() -> None:
+        while time.perf_counter() < deadline:
+            samples.append(await one_request(session, target, expected))
+
+    await asyncio.gather(at(window_start, "start"), at(deadline, "end"), *(worker() for _ in range(concurrency)))
+
+    t0, proxy0, up0, me0 = marks["start"]
+    t1, proxy1, up1, me1 = marks["end"]
+    window = [s for s in samples if t0 <= s.end <= t1]
+    good = [s for s in window if s.ok]
+    errors = [s for s in window if not s.ok]
+    events = sum(s.events for s in good)
+    span = t1 - t0
+    per_event = (lambda cpu: cpu * 1e6 / events if events else math.nan)
+    proxy_cpu = None if proxy0 is None or proxy1 is None else proxy1 - proxy0
+    return Result(
+        concurrency=concurrency, target=target.key, label=target.label, window_s=span, requests=len(good),
+        errors=len(errors), first_error=errors[0].error if errors else "", events_per_request=expected,
+        requests_per_s=len(good) / span, events_per_s=events / span,
+        ttfb_p50_ms=percentile([s.ttfb for s in good], 0.50) * 1e3, ttfb_p99_ms=percentile([s.ttfb for s in good], 0.99) * 1e3,
+        total_p50_ms=percentile([s.total for s in good], 0.50) * 1e3, total_p99_ms=percentile([s.total for s in good], 0.99) * 1e3,
+        proxy_cpu_s=proxy_cpu, proxy_cpu_percent=None if proxy_cpu is None else 100 * proxy_cpu / span,
+        proxy_cpu_us_per_event=None if proxy_cpu is None else per_event(proxy_cpu),
+        upstream_cpu_us_per_event=per_event(up1 - up0), loadgen_cpu_us_per_event=per_event(me1 - me0),
+    )
+
+
+# ============================================================================================
+# Report
+# ============================================================================================
+
+
+def _fmt(value: float | None, spec: str = ".0f", suffix: str = "") -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return f"{value:{spec}}{suffix}"
+
+
+def markdown_table(results: list[Result]) -> str:
+    header = ("| C | target | req/s | events/s | ev/req | TTFB p50 ms | TTFB p99 ms | total p50 ms | total p99 ms "
+              "| proxy CPU s | proxy CPU % | proxy µs/event | × passthrough | upstream µs/event | errors |")
+    rows = [header, "|" + "---|" * (header.count("|") - 1)]
+    for r in results:
+        rows.append("| " + " | ".join([
+            str(r.concurrency), r.label, _fmt(r.requests_per_s, ".1f"), _fmt(r.events_per_s), str(r.events_per_request),
+            _fmt(r.ttfb_p50_ms, ".1f"), _fmt(r.ttfb_p99_ms, ".1f"), _fmt(r.total_p50_ms, ".1f"), _fmt(r.total_p99_ms, ".1f"),
+            _fmt(r.proxy_cpu_s, ".2f"), _fmt(r.proxy_cpu_percent), _fmt(r.proxy_cpu_us_per_event, ".1f"),
+            _fmt(r.vs_passthrough, ".2f", "×"), _fmt(r.upstream_cpu_us_per_event, ".1f"), str(r.errors),
+        ]) + " |")
+    return "\n".join(rows)
+
+
+def add_ratios(results: list[Result]) -> None:
+    """gym_vllm's CPU per event over the passthrough's, at the same concurrency."""
+    floor = {r.concurrency: r.proxy_cpu_us_per_event for r in results if r.target == "passthrough"}
+    for r in results:
+        base = floor.get(r.concurrency)
+        if r.target.startswith("gym") and base and r.proxy_cpu_us_per_event is not None and not math.isnan(base):
+            r.vs_passthrough = r.proxy_cpu_us_per_event / base
+
+
+# ============================================================================================
+# Main
+# ============================================================================================
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description="gym_vllm streaming benchmark (direct / passthrough / gym_vllm)")
+    parser.add_argument("--tokens", type=int, default=256, help="tokens per streamed reply (default 256)")
+    parser.add_argument("--concurrency", default="1,64,256", help="comma-separated concurrency levels (default 1,64,256)")
+    parser.add_argument("--seconds", type=float, default=8.0, help="measured seconds per target and level (default 8)")
+    parser.add_argument("--warmup", type=float, default=1.0, help="seconds dropped before measuring (default 1)")
+    parser.add_argument("--targets", default="direct,passthrough,gym-chat,gym-resp",
+                        help="subset of direct,passthrough,gym-chat,gym-resp (default: all)")
+    parser.add_argument("--think-tokens", type=int, default=0, help="upstream replies start with a <think> block this long")
+    parser.add_argument("--token-delay-ms", type=float, default=0.0, help="upstream sleep per token (default 0: only yield)")
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--profile-gym", metavar="FILE", help="run gym_vllm under cProfile, dump stats to FILE")
+    args = parser.parse_args(argv)
+    try:
+        args.levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    except ValueError:
+        parser.error(f"--concurrency must be comma-separated integers, got {args.concurrency!r}")
+    if not args.levels or min(args.levels) < 1:
+        parser.error("--concurrency levels must be at least 1")
+    args.target_keys = [t.strip() for t in args.targets.split(",") if t.strip()]
+    unknown = set(args.target_keys) - {"direct", "passthrough", "gym-chat", "gym-resp"}
+    if unknown:
+        parser.error(f"unknown --targets: {', '.join(sorted(unknown))}")
+    if args.tokens < 1 or args.seconds <= 0 or args.warmup < 0:
+        parser.error("--tokens must be >= 1, --seconds > 0, --warmup >= 0")
+    return args
+
+
+def build_targets(args: argparse.Namespace, upstream_port: int, pass_port: int, gym_port: int,
+                  passthrough: Child, gym: Child) -> list[Target]:
+    chat = {"model": "bench", "messages": [{"role": "user", "content": "hi"}], "max_tokens": args.tokens,
+            "stream": True, "stream_options": {"include_usage": True}}
+    chat_body = json.dumps(chat).encode()
+    responses_body = json.dumps({"input": "hi", "stream": True, "max_output_tokens": args.tokens}).encode()
+    path = "/v1/chat/completions"
+    targets = [
+        Target("direct", "direct (upstream)", f"http://127.0.0.1:{upstream_port}{path}", chat_body, None),
+        Target("passthrough", "passthrough chat", f"http://127.0.0.1:{pass_port}{path}", chat_body, passthrough),
+        Target("gym-chat", "gym_vllm chat", f"http://127.0.0.1:{gym_port}{path}", chat_body, gym),
+        Target("gym-resp", "gym_vllm responses", f"http://127.0.0.1:{gym_port}/v1/responses", responses_body, gym, True),
+    ]
+    return [t for t in targets if t.key in args.target_keys]
+
+
+async def measure(args: argparse.Namespace, targets: list[Target], upstream: Child,
+                  progress: Callable[[str], None]) -> list[Result]:
+    results: list[Result] = []
+    connector = aiohttp.TCPConnector(limit=0)
+    timeout = aiohttp.ClientTimeout(total=300, sock_connect=10)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, cookie_jar=aiohttp.DummyCookieJar()) as session:
+        for level in args.levels:
+            for target in targets:
+                result = await run_target(session, target, upstream, level, args.warmup, args.seconds)
+                results.append(result)
+                progress(f"C={level:<4} {target.label:<20} {result.requests_per_s:8.1f} req/s {result.events_per_s:9.0f} ev/s"
+                         f"  proxy {_fmt(result.proxy_cpu_us_per_event, '.1f')} µs/ev  errors {result.errors}"
+                         + (f" ({result.first_error})" if result.errors else ""))
+                await asyncio.sleep(0.3)
+    return results
+
+
+def print_profile(path: str, limit: int = 30) -> None:
+    if not os.path.exists(path):
+        print(f"\n(no profile written to {path})")
+        return
+    print(f"\n## gym_vllm cProfile ({path}), top {limit} by own time\n")
+    stats = pstats.Stats(path, stream=sys.stdout)
+    stats.sort_stats("tottime").print_stats(limit)
+
+
+def _interrupt(signum: int, frame: Any) -> None:
+    """SIGTERM behaves like Ctrl-C: unwind, stopping the children on the way out."""
+    raise KeyboardInterrupt
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    progress = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
+    python = sys.executable
+    children: list[Child] = []
+    previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)
+    with tempfile.TemporaryDirectory(prefix="gym_vllm_bench_") as tmp:
+        workdir = Path(tmp)
+        try:
+            upstream_port, pass_port, gym_port = free_port(), free_port(), free_port()
+            config_path = workdir / "bench.yaml"
+            config_path.write_text(gym_config(upstream_port, gym_port))
+            upstream = Child("fake_upstream", [python, str(BENCH / "fake_upstream.py"), "--port", str(upstream_port),
+                                               "--token-delay-ms", str(args.token_delay_ms), "--think-tokens", str(args.think_tokens)],
+                             f"http://127.0.0.1:{upstream_port}/health", workdir)
+            passthrough = Child("passthrough", [python, str(BENCH / "passthrough.py"), "--port", str(pass_port),
+                                                "--upstream", f"http://127.0.0.1:{upstream_port}"],
+                                f"http://127.0.0.1:{pass_port}/health", workdir)
+            profiler = ["-m", "cProfile", "-o", os.path.abspath(args.profile_gym)] if args.profile_gym else []
+            gym = Child("gym_vllm", [python, *profiler, "-m", "gym_vllm", "--config", str(config_path), "--log-level", "WARNING"],
+                        f"http://127.0.0.1:{gym_port}/health", workdir)
+            for child in (upstream, passthrough, gym):
+                child.start()
+                children.append(child)
+            for child in children:
+                child.wait_ready()
+            progress(f"started: fake_upstream :{upstream_port} (pid {upstream.pid}), passthrough :{pass_port} "
+                     f"(pid {passthrough.pid}), gym_vllm :{gym_port} (pid {gym.pid})")
+
+            targets = build_targets(args, upstream_port, pass_port, gym_port, passthrough, gym)
+            results = asyncio.run(measure(args, targets, upstream, progress))
+            add_ratios(results)
+        except StartError as exc:
+            print(f"bench_stream: error: {exc}", file=sys.stderr)
+            return 1
+        except KeyboardInterrupt:
+            print("bench_stream: interrupted", file=sys.stderr)
+            return 130
+        finally:
+            for child in reversed(children):
+                child.stop()
+            signal.signal(signal.SIGTERM, previous_sigterm)
+
+    setup = {"tokens": args.tokens, "seconds": args.seconds, "warmup": args.warmup, "think_tokens": args.think_tokens,
+             "token_delay_ms": args.token_delay_ms, "cpus": os.cpu_count(), "python": platform.python_version(),
+             "aiohttp": aiohttp.__version__, "profiled": bool(args.profile_gym)}
+    print(f"\n## Streaming benchmark: {args.tokens} tokens/reply, {args.seconds:g} s per cell after {args.warmup:g} s warm-up, "
+          f"{os.cpu_count()} CPUs, Python {setup['python']}, aiohttp {setup['aiohttp']}\n")
+    print(markdown_table(results))
+    print("\nproxy CPU: utime+stime of the proxy process over the window; µs/event: per SSE event received by the client; "
+          "× passthrough: gym_vllm's µs/event over the passthrough's at the same C.")
+    if args.profile_gym:
+        print("NOTE: gym_vllm ran under cProfile; its CPU numbers are inflated.")
+        print_profile(args.profile_gym)
+    if args.json:
+        Path(args.json).write_text(json.dumps({"setup": setup, "results": [dataclasses.asdict(r) for r in results]}, indent=2))
+        print(f"\nwrote {args.json}")
+    return 0 if all(r.errors == 0 for r in results) else 3
+
+
+if __name__ == "__main__":
+    sys.exit(main())
