@@ -78,6 +78,23 @@ def cpu_seconds(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of proc(5), counted from `state`
 
 
+def machine_cpu() -> tuple[float, float]:
+    """(busy, total) CPU seconds of the whole machine since boot, from the `cpu` line of /proc/stat."""
+    with open("/proc/stat", "rb") as f:
+        ticks = [int(v) for v in f.readline().split()[1:]]
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)       # idle + iowait
+    total = sum(ticks[:8])                                        # guest time is already inside user/nice
+    return (total - idle) / CLK_TCK, total / CLK_TCK
+
+
+def foreign_load(seconds: float = 0.5) -> float:
+    """How many cores were busy over `seconds`, before any of ours started."""
+    busy0, _ = machine_cpu()
+    time.sleep(seconds)
+    busy1, _ = machine_cpu()
+    return (busy1 - busy0) / seconds
+
+
 def _die_with_parent() -> None:
     """In the child: get SIGTERM if the benchmark dies without cleaning up (Linux PR_SET_PDEATHSIG)."""
     with contextlib.suppress(Exception):
@@ -179,6 +196,7 @@ class Sample:
     ttfb: float
     total: float
     events: int
+    reads: int                   # iter_any() chunks: how finely the server's writes arrived
     error: str = ""
 
 
@@ -205,23 +223,25 @@ async def one_request(session: aiohttp.ClientSession, target: Target, expected_e
     begin = time.perf_counter()
     first: float | None = None
     counter = SseCounter()
+    reads = 0
     try:
         async with session.post(target.url, data=target.body, headers=JSON_HEADERS) as response:
             if response.status != 200:
                 text = (await response.read())[:200].decode(errors="replace")
                 end = time.perf_counter()
-                return Sample(False, end, end - begin, end - begin, 0, f"HTTP {response.status}: {text}")
+                return Sample(False, end, end - begin, end - begin, 0, 0, f"HTTP {response.status}: {text}")
             async for chunk in response.content.iter_any():
                 if first is None:
                     first = time.perf_counter()
+                reads += 1
                 counter.feed(chunk)
     except (aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
         end = time.perf_counter()
-        return Sample(False, end, end - begin, end - begin, counter.events, f"{exc.__class__.__name__}: {exc}")
+        return Sample(False, end, end - begin, end - begin, counter.events, reads, f"{exc.__class__.__name__}: {exc}")
     end = time.perf_counter()
     ok = expected_events is None or counter.events == expected_events
     error = "" if ok else f"{counter.events} events, expected {expected_events}"
-    return Sample(ok, end, (first or end) - begin, end - begin, counter.events, error)
+    return Sample(ok, end, (first or end) - begin, end - begin, counter.events, reads, error)
 
 
 async def probe(session: aiohttp.ClientSession, target: Target) -> int:
@@ -261,6 +281,7 @@ class Result:
     errors: int
     first_error: str
     events_per_request: int
+    reads_per_request: float
     requests_per_s: float
     events_per_s: float
     ttfb_p50_ms: float
@@ -272,6 +293,7 @@ class Result:
     proxy_cpu_us_per_event: float | None
     upstream_cpu_us_per_event: float
     loadgen_cpu_us_per_event: float
+    other_cores: float           # machine busy CPU outside proxy+upstream+load generator, in cores (kernel, other jobs)
     vs_passthrough: float | None = None
 
 
@@ -279,13 +301,13 @@ async def run_target(session: aiohttp.ClientSession, target: Target, upstream: C
                      warmup_s: float, seconds: float) -> Result:
     expected = await probe(session, target)
     samples: list[Sample] = []
-    marks: dict[str, tuple[float, float | None, float, float]] = {}
+    marks: dict[str, tuple[float, float | None, float, float, float]] = {}
     begin = time.perf_counter()
     window_start, deadline = begin + warmup_s, begin + warmup_s + seconds
 
     def mark(name: str) -> None:
         proxy_cpu = cpu_seconds(target.proxy.pid) if target.proxy else None
-        marks[name] = (time.perf_counter(), proxy_cpu, cpu_seconds(upstream.pid), time.process_time())
+        marks[name] = (time.perf_counter(), proxy_cpu, cpu_seconds(upstream.pid), time.process_time(), machine_cpu()[0])
 
     async def at(when: float, name: str) -> None:
         await asyncio.sleep(max(0.0, when - time.perf_counter()))
@@ -297,8 +319,8 @@ async def run_target(session: aiohttp.ClientSession, target: Target, upstream: C
 
     await asyncio.gather(at(window_start, "start"), at(deadline, "end"), *(worker() for _ in range(concurrency)))
 
-    t0, proxy0, up0, me0 = marks["start"]
-    t1, proxy1, up1, me1 = marks["end"]
+    t0, proxy0, up0, me0, busy0 = marks["start"]
+    t1, proxy1, up1, me1, busy1 = marks["end"]
     window = [s for s in samples if t0 <= s.end <= t1]
     good = [s for s in window if s.ok]
     errors = [s for s in window if not s.ok]
@@ -309,12 +331,14 @@ async def run_target(session: aiohttp.ClientSession, target: Target, upstream: C
     return Result(
         concurrency=concurrency, target=target.key, label=target.label, window_s=span, requests=len(good),
         errors=len(errors), first_error=errors[0].error if errors else "", events_per_request=expected,
+        reads_per_request=sum(s.reads for s in good) / len(good) if good else math.nan,
         requests_per_s=len(good) / span, events_per_s=events / span,
         ttfb_p50_ms=percentile([s.ttfb for s in good], 0.50) * 1e3, ttfb_p99_ms=percentile([s.ttfb for s in good], 0.99) * 1e3,
         total_p50_ms=percentile([s.total for s in good], 0.50) * 1e3, total_p99_ms=percentile([s.total for s in good], 0.99) * 1e3,
         proxy_cpu_s=proxy_cpu, proxy_cpu_percent=None if proxy_cpu is None else 100 * proxy_cpu / span,
         proxy_cpu_us_per_event=None if proxy_cpu is None else per_event(proxy_cpu),
         upstream_cpu_us_per_event=per_event(up1 - up0), loadgen_cpu_us_per_event=per_event(me1 - me0),
+        other_cores=((busy1 - busy0) - (proxy_cpu or 0.0) - (up1 - up0) - (me1 - me0)) / span,
     )
 
 
@@ -330,15 +354,15 @@ def _fmt(value: float | None, spec: str = ".0f", suffix: str = "") -> str:
 
 
 def markdown_table(results: list[Result]) -> str:
-    header = ("| C | target | req/s | events/s | ev/req | TTFB p50 ms | TTFB p99 ms | total p50 ms | total p99 ms "
-              "| proxy CPU s | proxy CPU % | proxy µs/event | × passthrough | upstream µs/event | errors |")
+    header = ("| C | target | req/s | events/s | ev/req | reads/req | TTFB p50 ms | TTFB p99 ms | total p50 ms | total p99 ms "
+              "| proxy CPU s | proxy CPU % | proxy µs/event | × passthrough | upstream µs/event | other cores | errors |")
     rows = [header, "|" + "---|" * (header.count("|") - 1)]
     for r in results:
         rows.append("| " + " | ".join([
-            str(r.concurrency), r.label, _fmt(r.requests_per_s, ".1f"), _fmt(r.events_per_s), str(r.events_per_request),
+            str(r.concurrency), r.label, _fmt(r.requests_per_s, ".1f"), _fmt(r.events_per_s), str(r.events_per_request), _fmt(r.reads_per_request, ".1f"),
             _fmt(r.ttfb_p50_ms, ".1f"), _fmt(r.ttfb_p99_ms, ".1f"), _fmt(r.total_p50_ms, ".1f"), _fmt(r.total_p99_ms, ".1f"),
             _fmt(r.proxy_cpu_s, ".2f"), _fmt(r.proxy_cpu_percent), _fmt(r.proxy_cpu_us_per_event, ".1f"),
-            _fmt(r.vs_passthrough, ".2f", "×"), _fmt(r.upstream_cpu_us_per_event, ".1f"), str(r.errors),
+            _fmt(r.vs_passthrough, ".2f", "×"), _fmt(r.upstream_cpu_us_per_event, ".1f"), _fmt(r.other_cores, ".2f"), str(r.errors),
         ]) + " |")
     return "\n".join(rows)
 
@@ -369,6 +393,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--token-delay-ms", type=float, default=0.0, help="upstream sleep per token (default 0: only yield)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--profile-gym", metavar="FILE", help="run gym_vllm under cProfile, dump stats to FILE")
+    parser.add_argument("--gym-launcher", metavar="SCRIPT",
+                        help="run `python SCRIPT --config ...` instead of `python -m gym_vllm --config ...` "
+                             "(e.g. a script that patches gym_vllm, then calls gym_vllm.main())")
     args = parser.parse_args(argv)
     try:
         args.levels = [int(c) for c in args.concurrency.split(",") if c.strip()]
@@ -438,6 +465,10 @@ def main(argv: list[str] | None = None) -> int:
     python = sys.executable
     children: list[Child] = []
     previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)
+    background = foreign_load()
+    if background > 0.1:
+        progress(f"WARNING: {background:.2f} cores were already busy before the benchmark started; "
+                 f"results will be noisy (see the `other cores` column)")
     with tempfile.TemporaryDirectory(prefix="gym_vllm_bench_") as tmp:
         workdir = Path(tmp)
         try:
@@ -451,7 +482,8 @@ def main(argv: list[str] | None = None) -> int:
                                                 "--upstream", f"http://127.0.0.1:{upstream_port}"],
                                 f"http://127.0.0.1:{pass_port}/health", workdir)
             profiler = ["-m", "cProfile", "-o", os.path.abspath(args.profile_gym)] if args.profile_gym else []
-            gym = Child("gym_vllm", [python, *profiler, "-m", "gym_vllm", "--config", str(config_path), "--log-level", "WARNING"],
+            entry = [os.path.abspath(args.gym_launcher)] if args.gym_launcher else ["-m", "gym_vllm"]
+            gym = Child("gym_vllm", [python, *profiler, *entry, "--config", str(config_path), "--log-level", "WARNING"],
                         f"http://127.0.0.1:{gym_port}/health", workdir)
             for child in (upstream, passthrough, gym):
                 child.start()
@@ -477,12 +509,16 @@ def main(argv: list[str] | None = None) -> int:
 
     setup = {"tokens": args.tokens, "seconds": args.seconds, "warmup": args.warmup, "think_tokens": args.think_tokens,
              "token_delay_ms": args.token_delay_ms, "cpus": os.cpu_count(), "python": platform.python_version(),
-             "aiohttp": aiohttp.__version__, "profiled": bool(args.profile_gym)}
+             "aiohttp": aiohttp.__version__, "profiled": bool(args.profile_gym),
+             "busy_cores_before_start": round(background, 3)}
     print(f"\n## Streaming benchmark: {args.tokens} tokens/reply, {args.seconds:g} s per cell after {args.warmup:g} s warm-up, "
-          f"{os.cpu_count()} CPUs, Python {setup['python']}, aiohttp {setup['aiohttp']}\n")
+          f"{os.cpu_count()} CPUs, Python {setup['python']}, aiohttp {setup['aiohttp']}, "
+          f"{background:.2f} cores busy before start\n")
     print(markdown_table(results))
     print("\nproxy CPU: utime+stime of the proxy process over the window; µs/event: per SSE event received by the client; "
-          "× passthrough: gym_vllm's µs/event over the passthrough's at the same C.")
+          "× passthrough: gym_vllm's µs/event over the passthrough's at the same C; "
+          "reads/req: iter_any() chunks the client got per reply (how finely the server wrote); "
+          "other cores: machine CPU outside proxy+upstream+load generator (kernel networking, other jobs).")
     if args.profile_gym:
         print("NOTE: gym_vllm ran under cProfile; its CPU numbers are inflated.")
         print_profile(args.profile_gym)

@@ -1,0 +1,43 @@
+"""A stand-in for `vllm serve` for supervisor faults a real engine cannot produce on demand.
+
+Takes vLLM's flags (only --port and --api-key matter); FAKE_ENGINE_MODE picks the behaviour:
+serve (default), exit_at_once, port_in_use (prints vLLM's bind error and exits), hang (never healthy).
+"""
+
+import argparse
+import os
+import sys
+
+from aiohttp import web
+
+parser = argparse.ArgumentParser()
+parser.add_argument("--port", type=int, required=True)
+parser.add_argument("--api-key", required=True)
+args, _ = parser.parse_known_args()
+mode = os.environ.get("FAKE_ENGINE_MODE", "serve")
+if mode == "exit_at_once":
+    print("fake engine: failing on purpose", flush=True)
+    sys.exit(3)
+if mode == "port_in_use" and os.environ.get("FAKE_ENGINE_BUSY_PORT") == str(args.port):
+    print(f"OSError: [Errno 98] error while attempting to bind on address ('0.0.0.0', {args.port}): address already in use", flush=True)
+    sys.exit(1)
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.Response(status=503 if mode == "hang" else 200)
+
+
+async def chat(request: web.Request) -> web.Response:
+    if request.headers.get("Authorization") != f"Bearer {args.api_key}":
+        return web.json_response({"error": "Unauthorized"}, status=401)
+    body = await request.json()
+    return web.json_response({"id": "chatcmpl-fake", "object": "chat.completion", "created": 1, "model": body["model"],
+                              "choices": [{"index": 0, "message": {"role": "assistant", "content": f"engine on {args.port}"},
+                                           "finish_reason": "stop"}]})
+
+
+app = web.Application()
+app.router.add_get("/health", health)
+app.router.add_post("/v1/chat/completions", chat)
+print(f"fake engine listening on {args.port}", flush=True)
+web.run_app(app, host="127.0.0.1", port=args.port, print=None)
