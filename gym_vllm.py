@@ -39,7 +39,6 @@ import signal
 import sys
 import time
 import uuid
-from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import aiohttp

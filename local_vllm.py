@@ -624,12 +624,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--config", action="append", required=True, metavar="FILE[,FILE]", help="config file(s); repeat or separate with commas")
     parser.add_argument("--env", metavar="FILE", help="variables for ${name} (default: ./env.yaml if present)")
     parser.add_argument("--dry-run", action="store_true", help="print the engine commands and servers, start nothing")
+    parser.add_argument("--port", type=int, help="the proxy's port (only with a single server; default: the config's `port`)")
     parser.add_argument("--log-dir", default="local_vllm_logs", help="where each engine's log file goes (default: %(default)s)")
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         plan = load_plan(args.config, args.env)
+        if args.port is not None:
+            if len(plan.servers) != 1:
+                raise ConfigError(f"--port applies to a single server, but the config defines {len(plan.servers)}; set `port` per server")
+            plan.servers = [(dataclasses.replace(plan.servers[0][0], port=args.port), plan.servers[0][1])]
     except ConfigError as exc:
         print(f"local_vllm: error: {exc}", file=sys.stderr)
         return 2

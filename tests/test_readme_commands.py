@@ -1,4 +1,4 @@
-"""The README's commands, run as a newcomer would: `bash .ci/run serve` brings up vLLM + gym_vllm.
+"""The README's commands, run as a newcomer would: `bash .ci/run serve` brings up vLLM + gym_vllm via local_vllm.
 
 (`bash .ci/run` itself is what runs this suite.)
 """
@@ -21,9 +21,9 @@ REPO = Path(__file__).resolve().parent.parent
 @pytest.mark.vllm
 async def test_ci_run_serve_brings_up_the_demo_and_stops_cleanly(vllm_engine):
     # vllm_engine: the same skip-or-fail rule as the other real-engine tests (and the model is built).
-    port, engine_port = tiny_engine.free_port(), tiny_engine.free_port()
+    port = tiny_engine.free_port()
     process = subprocess.Popen(["bash", ".ci/run", "serve"], cwd=REPO, start_new_session=True,
-                               env={**os.environ, "PORT": str(port), "ENGINE_PORT": str(engine_port)},
+                               env={**os.environ, "PORT": str(port)},
                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         deadline = time.monotonic() + 600
@@ -41,6 +41,8 @@ async def test_ci_run_serve_brings_up_the_demo_and_stops_cleanly(vllm_engine):
     finally:
         os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
         output, _ = process.communicate(timeout=60)
-    assert "listening on" in output and "Traceback" not in output
-    with pytest.raises(ProcessLookupError):  # nothing of the demo is left running
+    assert "listening on" in output and "ready: curl" in output and "Traceback" not in output
+    with pytest.raises(ProcessLookupError):  # nothing of the demo is left running: neither the supervisor...
         os.killpg(process.pid, 0)
+    engines = subprocess.run(["pgrep", "-f", "api_server --model .cache/tiny-model"], capture_output=True, text=True)
+    assert engines.stdout.strip() == ""  # ...nor the engine it started in its own process group

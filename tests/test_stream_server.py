@@ -6,10 +6,9 @@ import re
 import time
 
 import aiohttp
-import openai
 import pytest
 
-from conftest import VLLM_API_KEY, assert_openai_error, server_config, strict_client
+from conftest import assert_openai_error, server_config, strict_client
 from test_stream import check_lifecycle, normalized
 from test_vllm import FORCED_CALL, WEATHER_TOOL
 

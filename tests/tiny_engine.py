@@ -13,7 +13,6 @@ here are in shared/reference/vllm-cpu.md.
 Command line::
 
     python tests/tiny_engine.py build DIR
-    python tests/tiny_engine.py serve DIR --port 8000 --api-key sk-test
 
 Only the standard library is imported at module level, so test code can import the
 server helpers cheaply; torch/transformers/tokenizers are imported by the builder.
@@ -509,68 +508,16 @@ def stop_vllm(proc: subprocess.Popen, grace_s: float = 15.0) -> None:
 # --------------------------------------------------------------------------- CLI
 
 
-def _serve(args: argparse.Namespace) -> int:
-    model_dir = build_tiny_model(args.dir)
-    port = args.port or free_port()
-    log_path = args.log or Path(tempfile.gettempdir()) / f"tiny-vllm-{port}.log"
-
-    # Turn SIGTERM into a normal exit so the finally-block below stops the server.
-    def _on_sigterm(signum: int, frame: object) -> None:
-        raise SystemExit(128 + signum)
-
-    signal.signal(signal.SIGTERM, _on_sigterm)
-    # A shell starts background jobs with SIGINT ignored; restore Ctrl-C -> KeyboardInterrupt.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
-    print(f"starting vLLM on port {port}, log: {log_path}", flush=True)
-    started = time.monotonic()
-    proc = start_vllm(
-        model_dir,
-        port,
-        args.api_key,
-        log_path,
-        args.timeout,
-        served_model_name=args.served_model_name,
-        max_model_len=args.max_model_len,
-    )
-    try:
-        print(f"healthy after {time.monotonic() - started:.1f} s", flush=True)
-        print(f"http://127.0.0.1:{port}/v1", flush=True)
-        while proc.poll() is None:
-            time.sleep(1.0)
-        print(f"vLLM exited with code {proc.returncode}", file=sys.stderr)
-        return proc.returncode or 1
-    except KeyboardInterrupt:
-        return 0
-    finally:
-        stop_vllm(proc)
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-
     build = sub.add_parser("build", help="build the tiny model into DIR (if not there yet)")
     build.add_argument("dir", type=Path)
-
-    serve = sub.add_parser("serve", help="build if needed, then run vLLM until Ctrl-C / SIGTERM")
-    serve.add_argument("dir", type=Path)
-    serve.add_argument("--port", type=int, default=0, help="default: a free port")
-    serve.add_argument("--api-key", required=True)
-    serve.add_argument("--served-model-name", default="tiny")
-    serve.add_argument("--max-model-len", type=int, default=1024)
-    serve.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for /health")
-    serve.add_argument("--log", type=Path, default=None, help="server log file")
-
     args = parser.parse_args(argv)
-    if args.command == "build":
-        started = time.monotonic()
-        path = build_tiny_model(args.dir)
-        print(f"{path} ({time.monotonic() - started:.1f} s)")
-        return 0
-    try:
-        return _serve(args)
-    except KeyboardInterrupt:  # Ctrl-C while starting; start_vllm already stopped the server
-        return 130
+    started = time.monotonic()
+    path = build_tiny_model(args.dir)
+    print(f"{path} ({time.monotonic() - started:.1f} s)")
+    return 0
 
 
 if __name__ == "__main__":
