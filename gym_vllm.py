@@ -1511,8 +1511,8 @@ STARTED_KEY = web.AppKey("started_at", float)
 SESSION_HEADER = "X-Session-ID"
 
 
-def _dumps(value: Any) -> str:
-    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+# One encoder for the process: json.dumps with options builds a new encoder on every call.
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 def _json_response(body: Any, status: int = 200) -> web.Response:
@@ -1694,22 +1694,31 @@ def _client_gone(request: web.Request) -> bool:
     return request.transport is None or request.transport.is_closing()
 
 
-async def _upstream_chunks(request: web.Request, upstream: aiohttp.ClientResponse):
-    """Yields the payload of each `data:` line of vLLM's stream until `[DONE]`.
+async def _upstream_batches(request: web.Request, upstream: aiohttp.ClientResponse):
+    """Yields, per network read, the payloads of the `data:` lines it completed, until `[DONE]`.
 
-    Reading pauses while the client is slow (each write awaits the socket), so nothing buffers
-    without bound; a client that is gone raises ConnectionResetError, which closes the upstream
-    connection and makes vLLM abort the generation. A stream that ends without `[DONE]` was cut.
+    Working per read rather than per line lets a burst of chunks go out in one write. Reading
+    pauses while the client is slow (each write awaits the socket), so nothing buffers without
+    bound; a client that is gone raises ConnectionResetError, which closes the upstream connection
+    and makes vLLM abort the generation. A stream that ends without `[DONE]` was cut.
     """
-    async for line in upstream.content:
+    pending = b""
+    async for block in upstream.content.iter_any():
         if _client_gone(request):
             raise ConnectionResetError("client disconnected")
-        if not line.startswith(b"data:"):
-            continue
-        data = line[5:].strip()
-        if data == b"[DONE]":
-            return
-        yield data
+        lines = (pending + block).split(b"\n")
+        pending = lines.pop()  # an incomplete last line waits for the next read
+        batch = []
+        for line in lines:
+            if line.startswith(b"data:"):
+                data = line[5:].strip()
+                if data == b"[DONE]":
+                    if batch:
+                        yield batch
+                    return
+                batch.append(data)
+        if batch:
+            yield batch
     raise upstream_error("vLLM closed the stream before `data: [DONE]`", code="upstream_unreachable")
 
 
@@ -1742,10 +1751,14 @@ async def _stream_responses(request: web.Request, machine: ResponsesStream, upst
             events = machine.context_overflow()
         else:
             try:
-                async for data in _upstream_chunks(request, upstream):
-                    events = machine.feed(_parse_chunk(data))
-                    if events:
-                        await response.write(_sse_bytes(events))
+                async for batch in _upstream_batches(request, upstream):
+                    events = []
+                    try:
+                        for data in batch:
+                            events += machine.feed(_parse_chunk(data))
+                    finally:  # what was converted goes out, even when a later chunk of the batch failed
+                        if events:
+                            await response.write(_sse_bytes(events))
                 events = machine.finish()
             except ConnectionResetError:
                 raise
@@ -1776,10 +1789,16 @@ async def _stream_chat(request: web.Request, upstream: aiohttp.ClientResponse | 
             await response.write(f"data: {_dumps(chunk)}\n\n".encode())
         else:
             try:
-                async for data in _upstream_chunks(request, upstream):
-                    if relay.needs(data) or data.startswith(b'{"error"'):  # vLLM reports mid-stream failures this way
-                        data = _dumps(relay.rewrite(_parse_chunk(data))).encode()
-                    await response.write(b"data: " + data + b"\n\n")
+                async for batch in _upstream_batches(request, upstream):
+                    relayed = []
+                    try:
+                        for data in batch:
+                            if relay.needs(data) or data.startswith(b'{"error"'):  # vLLM reports mid-stream failures so
+                                data = _dumps(relay.rewrite(_parse_chunk(data))).encode()
+                            relayed.append(b"data: " + data + b"\n\n")
+                    finally:
+                        if relayed:
+                            await response.write(b"".join(relayed))
             except ConnectionResetError:
                 raise
             except (ApiError, aiohttp.ClientError, asyncio.TimeoutError) as exc:

@@ -326,7 +326,10 @@ async def run_target(session: aiohttp.ClientSession, target: Target, upstream: C
     errors = [s for s in window if not s.ok]
     events = sum(s.events for s in good)
     span = t1 - t0
-    per_event = (lambda cpu: cpu * 1e6 / events if events else math.nan)
+
+    def per_event(cpu_s: float) -> float:
+        return cpu_s * 1e6 / events if events else math.nan
+
     proxy_cpu = None if proxy0 is None or proxy1 is None else proxy1 - proxy0
     return Result(
         concurrency=concurrency, target=target.key, label=target.label, window_s=span, requests=len(good),
@@ -454,6 +457,10 @@ def print_profile(path: str, limit: int = 30) -> None:
     stats.sort_stats("tottime").print_stats(limit)
 
 
+def progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
 def _interrupt(signum: int, frame: Any) -> None:
     """SIGTERM behaves like Ctrl-C: unwind, stopping the children on the way out."""
     raise KeyboardInterrupt
@@ -461,7 +468,6 @@ def _interrupt(signum: int, frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    progress = lambda line: print(line, file=sys.stderr, flush=True)  # noqa: E731
     python = sys.executable
     children: list[Child] = []
     previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)

@@ -106,6 +106,20 @@ class FakeUpstream:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
         await response.prepare(request)
 
+        if command == "ragged":  # a whole stream written in 7-byte pieces: lines split across network reads
+            def line(delta: dict, finish_reason=None) -> bytes:
+                chunk = {"id": "chatcmpl-fake", "object": "chat.completion.chunk", "created": 1700000000, "model": body["model"],
+                         "choices": [{"index": 0, "delta": delta, "finish_reason": finish_reason}]}
+                return f"data: {json.dumps(chunk)}\n\n".encode()
+
+            text = "<think>stub reasoning</think>Hello from stub"
+            raw = line({"role": "assistant", "content": ""}) + b"".join(line({"content": text[i:i + 3]}) for i in range(0, len(text), 3))
+            raw += line({}, "stop") + b"data: [DONE]\n\n"
+            for i in range(0, len(raw), 7):
+                await response.write(raw[i:i + 7])
+                await asyncio.sleep(0.001)
+            return response
+
         async def send(delta: dict, finish_reason=None, **extra) -> None:
             choice = {"index": 0, "delta": delta, "finish_reason": finish_reason, "logprobs": None}
             if body.get("return_token_ids") and delta.get("content"):

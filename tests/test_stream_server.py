@@ -56,6 +56,17 @@ async def test_stream_equals_non_streaming(fake_upstreams, proxy):
     assert normalized(streamed) == normalized(plain)
 
 
+async def test_lines_split_across_network_reads(fake_upstreams, proxy):
+    [(_, url)] = await fake_upstreams(1)
+    base = await proxy(server_config(url))
+    final = check_lifecycle(await post_stream(base, {"input": "ragged"}))
+    assert [item["type"] for item in final["output"]] == ["reasoning", "message"]
+    assert final["output"][0]["summary"][0]["text"] == "stub reasoning" and final["output"][1]["content"][0]["text"] == "Hello from stub"
+    client = strict_client(base)
+    chunks = [c async for c in await client.chat.completions.create(model="x", messages=[{"role": "user", "content": "ragged"}], stream=True)]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == "<think>stub reasoning</think>Hello from stub"
+
+
 @pytest.mark.parametrize("command, fragment", [("drop_mid", "broke off the stream"), ("error_mid", "engine died"),
                                                ("eof_mid", "before `data: [DONE]`")])
 async def test_upstream_failure_mid_stream_ends_with_response_failed(fake_upstreams, proxy, command, fragment):
