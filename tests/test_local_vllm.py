@@ -338,3 +338,16 @@ def test_sigterm_during_startup_leaves_no_process(vllm_engine, tmp_path):
     assert process.wait(timeout=60) == 0
     with pytest.raises(ProcessLookupError):
         os.killpg(engine_pid, 0)
+
+
+@pytest.mark.parametrize("config", SHIPPED, ids=lambda p: p.name)
+def test_golden_commands_of_the_shipped_configs(config, monkeypatch):
+    """The exact argv and environment each shipped config produces (tests/golden/<config>.json)."""
+    monkeypatch.chdir(REPO)
+    monkeypatch.delenv("HF_HOME", raising=False)
+    produced = {}
+    for engine in local_vllm.load_plan([str(config)]).engines:
+        argv, env = local_vllm.engine_command(engine, 12345, "KEY", python="python")
+        produced[engine.name] = {"argv": [a.replace(str(REPO), "<repo>") for a in argv],
+                                 "env": {k: v.replace(str(REPO), "<repo>") for k, v in env.items()}}
+    assert produced == json.loads((Path(__file__).parent / "golden" / f"{config.stem}.json").read_text())
