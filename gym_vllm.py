@@ -31,6 +31,7 @@ import asyncio
 import collections
 import dataclasses
 import difflib
+import hmac
 import json
 import logging
 import os
@@ -141,11 +142,19 @@ class ServerConfig:
     max_request_body_mb: float = 64.0
     session_table_size: int = 100_000
     session_idle_timeout_s: float = 3600.0
+    stream_idle_timeout_s: float | None = 600.0   # a stream silent this long is cut (vLLM sends every token)
+    health_check_interval_s: float | None = 5.0   # GET <upstream>/health; null: passive detection only
+    eject_after_failures: int = 3
+    readmit_after_successes: int = 2
+    max_attempts: int = 3                         # per request, only where no upstream can have seen it
+    max_concurrent_requests_per_upstream: int = 0  # 0: no limit; otherwise requests queue for a connection
+    server_api_key: str | None = None              # Bearer key clients must send (none: open, bind to 127.0.0.1)
+    shutdown_timeout_s: float = 30.0               # how long a stop waits for in-flight requests
     source: str = dataclasses.field(default="<python>", compare=False)
 
     def __repr__(self) -> str:  # keeps the api_key out of logs and tracebacks
         fields = ", ".join(
-            f"{f.name}={'***' if f.name == 'api_key' else repr(getattr(self, f.name))}"
+            f"{f.name}={'***' if f.name in ('api_key', 'server_api_key') and getattr(self, f.name) else repr(getattr(self, f.name))}"
             for f in dataclasses.fields(self)
         )
         return f"ServerConfig({fields})"
@@ -169,6 +178,14 @@ _CONFIG_TYPES: dict[str, tuple[tuple, str]] = {
     "max_request_body_mb": ((int, float), "a number of megabytes"),
     "session_table_size": ((int,), "an integer"),
     "session_idle_timeout_s": ((int, float), "a number of seconds"),
+    "stream_idle_timeout_s": ((int, float, type(None)), "a number of seconds or null"),
+    "health_check_interval_s": ((int, float, type(None)), "a number of seconds or null"),
+    "eject_after_failures": ((int,), "an integer"),
+    "readmit_after_successes": ((int,), "an integer"),
+    "max_attempts": ((int,), "an integer"),
+    "max_concurrent_requests_per_upstream": ((int,), "an integer (0: no limit)"),
+    "server_api_key": ((str, type(None)), "a string or null"),
+    "shutdown_timeout_s": ((int, float), "a number of seconds"),
 }
 _REQUIRED_KEYS = ("base_url", "api_key", "model", "return_token_id_information", "uses_reasoning_parser")
 _IGNORED_KEYS = ("entrypoint",)  # NeMo Gym's launcher key; meaningless here
@@ -217,11 +234,17 @@ def server_config_from_dict(name: str, values: dict, source: str = "<python>") -
             raise ConfigError(f"{where_base}.{key}: expected {type_name}, got {value!r}")
         kwargs[key] = value
     kwargs["base_url"] = _split_base_urls(kwargs["base_url"], f"{where_base}.base_url")
-    for key in ("connect_timeout_s", "request_timeout_s", "max_request_body_mb", "session_idle_timeout_s"):
+    for key in ("connect_timeout_s", "request_timeout_s", "max_request_body_mb", "session_idle_timeout_s",
+                "stream_idle_timeout_s", "health_check_interval_s", "shutdown_timeout_s"):
         if kwargs.get(key) is not None and kwargs[key] <= 0:
             raise ConfigError(f"{where_base}.{key}: must be positive, got {kwargs[key]!r}")
-    if kwargs.get("session_table_size", 1) < 1:
-        raise ConfigError(f"{where_base}.session_table_size: must be at least 1")
+    for key in ("session_table_size", "eject_after_failures", "readmit_after_successes", "max_attempts"):
+        if kwargs.get(key, 1) < 1:
+            raise ConfigError(f"{where_base}.{key}: must be at least 1")
+    if kwargs.get("max_concurrent_requests_per_upstream", 0) < 0:
+        raise ConfigError(f"{where_base}.max_concurrent_requests_per_upstream: must be 0 (no limit) or more")
+    if kwargs.get("server_api_key") == "":
+        raise ConfigError(f"{where_base}.server_api_key: must not be empty; leave it out to serve without a key")
     if not 0 <= kwargs.get("port", 0) <= 65535:
         raise ConfigError(f"{where_base}.port: must be between 0 and 65535, got {kwargs['port']}")
     return ServerConfig(name=name, source=source, **kwargs)
@@ -1462,14 +1485,24 @@ class SessionTable:
 
 @dataclasses.dataclass
 class Upstream:
-    """One vLLM OpenAI server, addressed by its base URL (ending in /v1 by convention).
+    """One vLLM OpenAI server, addressed by its base URL (ending in /v1 by convention), and its health.
 
-    `unavailable` holds why it cannot serve right now (e.g. local_vllm is restarting its engine):
-    requests routed to it get a 503 with that message at once instead of a connection error.
+    `healthy` is the proxy's verdict (ejected after failures, readmitted after successes);
+    `unavailable` is set from outside (local_vllm while it restarts the engine): requests routed
+    to an upstream that is not `usable` go elsewhere, or get a 503 at once when none is left.
     """
 
     base_url: str
     unavailable: str | None = None
+    healthy: bool = True
+    failures: int = 0       # in a row
+    successes: int = 0      # in a row, while ejected
+    last_error: str | None = None
+    requests: int = 0       # requests it has taken
+
+    @property
+    def usable(self) -> bool:
+        return self.healthy and not self.unavailable
 
     @property
     def chat_url(self) -> str:
@@ -1481,23 +1514,59 @@ class Upstream:
 
 
 class Balancer:
-    """New sessions go round-robin; a known session keeps its upstream."""
+    """New sessions go round-robin over usable upstreams; a known session keeps its upstream while it is usable."""
 
-    def __init__(self, base_urls: Sequence[str], table: SessionTable) -> None:
+    def __init__(self, base_urls: Sequence[str], table: SessionTable, eject_after: int = 3, readmit_after: int = 2,
+                 name: str = "") -> None:
         self.upstreams = [Upstream(url) for url in base_urls]
         self.sessions = table
+        self.eject_after = eject_after
+        self.readmit_after = readmit_after
+        self.name = name
         self._next = 0
 
-    def upstream_for(self, session_id: str | None) -> Upstream:
-        if len(self.upstreams) == 1:
-            return self.upstreams[0]
+    def upstream_for(self, session_id: str | None, exclude: Sequence[Upstream] = ()) -> Upstream:
+        """The session's upstream; re-pinned round-robin if it is not usable. 503 when nothing is usable."""
+        if len(self.upstreams) == 1 and not exclude:
+            upstream = self.upstreams[0]
+            if not upstream.usable:
+                raise self._none_usable()
+            return upstream
         index = self.sessions.get(session_id) if session_id else None
-        if index is None:
-            index = self._next
+        if index is not None and self.upstreams[index].usable and self.upstreams[index] not in exclude:
+            return self.upstreams[index]
+        for _ in range(len(self.upstreams)):
+            candidate = self._next
             self._next = (self._next + 1) % len(self.upstreams)
-            if session_id:
-                self.sessions.set(session_id, index)
-        return self.upstreams[index]
+            upstream = self.upstreams[candidate]
+            if upstream.usable and upstream not in exclude:
+                if session_id:
+                    self.sessions.set(session_id, candidate)  # a new session, or one moved off a failed upstream
+                return upstream
+        raise self._none_usable()
+
+    def _none_usable(self) -> ApiError:
+        reasons = "; ".join(f"{u.base_url}: {u.unavailable or u.last_error or 'ejected'}" for u in self.upstreams if not u.usable)
+        return ApiError(503, f"no healthy vLLM upstream for server `{self.name}` ({reasons or 'all tried'}); retry later",
+                        code="upstream_unavailable")
+
+    def record(self, upstream: Upstream, ok: bool, detail: str = "") -> None:
+        """Counts a success or failure (from a health check or a request); ejects and readmits at the thresholds."""
+        if ok:
+            upstream.failures = 0
+            if not upstream.healthy:
+                upstream.successes += 1
+                if upstream.successes >= self.readmit_after:
+                    upstream.healthy, upstream.successes, upstream.last_error = True, 0, None
+                    log.info("server %s: upstream %s readmitted after %d good health checks", self.name, upstream.base_url, self.readmit_after)
+            return
+        upstream.successes = 0
+        upstream.failures += 1
+        upstream.last_error = detail or upstream.last_error
+        if upstream.healthy and upstream.failures >= self.eject_after:
+            upstream.healthy = False
+            log.warning("server %s: upstream %s ejected after %d failures in a row: %s", self.name, upstream.base_url,
+                        upstream.failures, detail)
 
 
 # ============================================================================================
@@ -1507,6 +1576,7 @@ class Balancer:
 CONFIG_KEY = web.AppKey("config", ServerConfig)
 BALANCER_KEY = web.AppKey("balancer", Balancer)
 CLIENT_KEY = web.AppKey("client", aiohttp.ClientSession)
+STREAM_TIMEOUT_KEY = web.AppKey("stream_timeout", aiohttp.ClientTimeout)
 STARTED_KEY = web.AppKey("started_at", float)
 SESSION_HEADER = "X-Session-ID"
 
@@ -1552,16 +1622,24 @@ def _timeout_error(config: ServerConfig, url: str) -> ApiError:
                           code="upstream_timeout", status=504)
 
 
+class NotReached(ApiError):
+    """The connection to vLLM failed before the request was sent: safe to try another upstream."""
+
+
 async def _open_upstream(request: web.Request, url: str, payload: dict) -> aiohttp.ClientResponse:
     """POSTs JSON to vLLM and returns the response with its body unread, or raises a 502/504 ApiError."""
     config = request.app[CONFIG_KEY]
     headers = {"Authorization": f"Bearer {config.api_key}", "Content-Type": "application/json"}
+    # Streams also get an idle timeout; others keep the session's (passing timeout=None would disable it).
+    options = {"timeout": request.app[STREAM_TIMEOUT_KEY]} if payload.get("stream") else {}
     try:
-        return await request.app[CLIENT_KEY].post(url, data=_dumps(payload).encode(), headers=headers)
+        return await request.app[CLIENT_KEY].post(url, data=_dumps(payload).encode(), headers=headers, **options)
+    except aiohttp.ClientConnectorError as exc:
+        raise NotReached(502, f"cannot reach vLLM at {url}: {exc.__class__.__name__}: {exc}", code="upstream_unreachable") from None
     except asyncio.TimeoutError:
         raise _timeout_error(config, url) from None
     except aiohttp.ClientError as exc:
-        raise upstream_error(f"cannot reach vLLM at {url}: {exc.__class__.__name__}: {exc}", code="upstream_unreachable") from None
+        raise upstream_error(f"vLLM at {url} dropped the request: {exc.__class__.__name__}: {exc}", code="upstream_unreachable") from None
 
 
 async def _read_upstream(request: web.Request, response: aiohttp.ClientResponse, url: str) -> tuple[int, Any]:
@@ -1614,10 +1692,7 @@ async def _chat_upstream(request: web.Request, session_id: str, chat_body: dict)
     the prompt did not fit (context overflow). Any other failure raises before anything reached the client.
     """
     config = request.app[CONFIG_KEY]
-    upstream = request.app[BALANCER_KEY].upstream_for(session_id)
-    if upstream.unavailable:
-        raise ApiError(503, upstream.unavailable, code="upstream_unavailable")
-    response = await _open_upstream(request, upstream.chat_url, chat_body)
+    upstream, response = await _send_with_failover(request, session_id, chat_body)
     if response.status == 200 and chat_body.get("stream"):
         return response
     status, body = await _read_upstream(request, response, upstream.chat_url)
@@ -1630,6 +1705,47 @@ async def _chat_upstream(request: web.Request, session_id: str, chat_body: dict)
     if config.return_token_id_information and body.get("prompt_token_ids") is None and body.get("choices"):
         body["prompt_token_ids"] = await _tokenize(request, upstream, chat_body)
     return body
+
+
+async def _send_with_failover(request: web.Request, session_id: str, chat_body: dict) -> tuple[Upstream, aiohttp.ClientResponse]:
+    """Opens the request on the session's upstream, moving it to the next healthy one only when the
+    first could not have seen it (connection refused) or said 503: never a blind retry after vLLM may
+    have generated. Bounded attempts with backoff; 503 at once when no upstream is usable."""
+    config = request.app[CONFIG_KEY]
+    balancer = request.app[BALANCER_KEY]
+    tried: list[Upstream] = []
+    failure: ApiError | None = None
+    for attempt in range(config.max_attempts):
+        try:
+            upstream = balancer.upstream_for(session_id, exclude=tried)
+        except ApiError:
+            if failure is None:
+                raise
+            break  # nothing else to try: report what went wrong with the last one
+        if attempt:
+            await asyncio.sleep(min(0.05 * 2 ** attempt, 1.0))
+        try:
+            response = await _open_upstream(request, upstream.chat_url, chat_body)
+        except NotReached as exc:
+            balancer.record(upstream, False, exc.message)
+            tried.append(upstream)
+            failure = exc
+            continue
+        except ApiError as exc:
+            balancer.record(upstream, False, exc.message)
+            raise
+        if response.status == 503:  # vLLM refusing work (overloaded or shutting down): it generated nothing
+            _, body = await _read_upstream(request, response, upstream.chat_url)
+            failure = _upstream_failure(config, upstream.chat_url, 503, body)
+            balancer.record(upstream, False, failure.message)
+            tried.append(upstream)
+            continue
+        balancer.record(upstream, response.status not in (502, 504), f"HTTP {response.status}")
+        upstream.requests += 1
+        if tried:
+            log.info("server %s: request moved from %s to %s", config.name, ", ".join(u.base_url for u in tried), upstream.base_url)
+        return upstream, response
+    raise failure
 
 
 def _set_session_cookie(response: web.Response, request: web.Request, new_session: str | None) -> web.Response:
@@ -1821,22 +1937,15 @@ async def handle_models(request: web.Request) -> web.Response:
     return _json_response({"object": "list", "data": [model]})
 
 
-async def _probe(client: aiohttp.ClientSession, upstream: Upstream) -> dict:
-    try:
-        async with client.get(f"{upstream.root_url}/health", timeout=aiohttp.ClientTimeout(total=2)) as response:
-            healthy = response.status == 200
-            return {"base_url": upstream.base_url, "healthy": healthy, **({} if healthy else {"error": f"HTTP {response.status}"})}
-    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-        return {"base_url": upstream.base_url, "healthy": False, "error": exc.__class__.__name__}
-
-
 async def handle_health(request: web.Request) -> web.Response:
-    """Liveness of the proxy (always 200 while it serves) and the live state of each upstream."""
+    """Liveness of the proxy (always 200 while it serves) and each upstream's health as the proxy sees it."""
     app = request.app
-    upstreams = await asyncio.gather(*(_probe(app[CLIENT_KEY], u) for u in app[BALANCER_KEY].upstreams))
-    status = "ok" if any(u["healthy"] for u in upstreams) else "degraded"
+    balancer = app[BALANCER_KEY]
+    upstreams = [{"base_url": u.base_url, "healthy": u.usable, "ejected": not u.healthy, "unavailable": u.unavailable,
+                  "failures_in_a_row": u.failures, "last_error": u.last_error, "requests": u.requests} for u in balancer.upstreams]
+    status = "ok" if any(u.usable for u in balancer.upstreams) else "degraded"
     return _json_response({"status": status, "server": app[CONFIG_KEY].name, "model": app[CONFIG_KEY].model,
-                           "sessions": len(app[BALANCER_KEY].sessions), "upstreams": upstreams})
+                           "sessions": len(balancer.sessions), "upstreams": upstreams})
 
 
 _HTTP_MESSAGES = {
@@ -1850,6 +1959,11 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     """Turns every failure into OpenAI error JSON."""
     config = request.app[CONFIG_KEY]
     try:
+        if config.server_api_key and request.path != "/health":  # liveness probes carry no key
+            supplied = request.headers.get("Authorization", "").encode()
+            if not hmac.compare_digest(supplied, b"Bearer " + config.server_api_key.encode()):
+                raise ApiError(401, "missing or incorrect API key: send `Authorization: Bearer <server_api_key>`",
+                               code="invalid_api_key")
         response = await handler(request)
     except ApiError as exc:
         if exc.status >= 500:
@@ -1873,6 +1987,33 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     return response
 
 
+async def _health_checks(app: web.Application):
+    """Background `GET /health` of every upstream; its own session, so a full request pool cannot starve it."""
+    config = app[CONFIG_KEY]
+    balancer = app[BALANCER_KEY]
+    interval = config.health_check_interval_s
+
+    async def check(http: aiohttp.ClientSession, upstream: Upstream) -> None:
+        if upstream.unavailable:  # managed from outside (local_vllm restarting it)
+            return
+        try:
+            async with http.get(f"{upstream.root_url}/health") as answer:
+                balancer.record(upstream, answer.status == 200, f"health check: HTTP {answer.status}")
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            balancer.record(upstream, False, f"health check: {exc.__class__.__name__}")
+
+    async def loop() -> None:
+        async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=max(1.0, min(interval, 5.0)))) as http:
+            while True:
+                await asyncio.gather(*(check(http, u) for u in balancer.upstreams))
+                await asyncio.sleep(interval)
+
+    task = asyncio.create_task(loop())
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+
+
 def _body_limit(config: ServerConfig) -> int:
     return int(config.max_request_body_mb * 1024 * 1024)
 
@@ -1881,17 +2022,23 @@ def build_app(config: ServerConfig) -> web.Application:
     """The aiohttp application of one model server; the upstream client lives in `cleanup_ctx`."""
     app = web.Application(middlewares=[error_middleware], client_max_size=_body_limit(config))
     app[CONFIG_KEY] = config
-    app[BALANCER_KEY] = Balancer(config.base_url, SessionTable(config.session_table_size, config.session_idle_timeout_s))
+    app[BALANCER_KEY] = Balancer(config.base_url, SessionTable(config.session_table_size, config.session_idle_timeout_s),
+                                 config.eject_after_failures, config.readmit_after_successes, config.name)
+    app[STREAM_TIMEOUT_KEY] = aiohttp.ClientTimeout(total=config.request_timeout_s, sock_connect=config.connect_timeout_s,
+                                                    sock_read=config.stream_idle_timeout_s)
     app[STARTED_KEY] = time.time()
 
     async def upstream_client(app: web.Application):
         timeout = aiohttp.ClientTimeout(total=config.request_timeout_s, sock_connect=config.connect_timeout_s)
-        connector = aiohttp.TCPConnector(limit=0, keepalive_timeout=30)
+        # limit_per_host: with a limit, requests beyond it wait for a free connection (a queue, not a failure).
+        connector = aiohttp.TCPConnector(limit=0, limit_per_host=config.max_concurrent_requests_per_upstream, keepalive_timeout=30)
         async with aiohttp.ClientSession(timeout=timeout, connector=connector, cookie_jar=aiohttp.DummyCookieJar()) as client:
             app[CLIENT_KEY] = client
             yield
 
     app.cleanup_ctx.append(upstream_client)
+    if config.health_check_interval_s:
+        app.cleanup_ctx.append(_health_checks)
     app.router.add_post("/v1/responses", handle_responses)
     app.router.add_post("/v1/chat/completions", handle_chat_completions)
     app.router.add_get("/v1/models", handle_models)
@@ -1911,7 +2058,7 @@ async def start_server(config: ServerConfig, host: str | None = None, port: int 
     `port=0` picks a free port; read it back from `runner.addresses`. `app` serves an application
     already built with `build_app(config)` (local_vllm keeps hold of its upstreams).
     """
-    runner = web.AppRunner(app or build_app(config), access_log=None, handle_signals=False, shutdown_timeout=30)
+    runner = web.AppRunner(app or build_app(config), access_log=None, handle_signals=False, shutdown_timeout=config.shutdown_timeout_s)
     await runner.setup()
     site = web.TCPSite(runner, host or config.host, config.port if port is None else port)
     try:

@@ -463,9 +463,9 @@ class LocalVLLM:
                 await asyncio.sleep(0.5)
 
     def _point_upstreams(self) -> None:
-        for upstream in self.upstreams:
+        for upstream in self.upstreams:  # a fresh engine: a clean health record
             upstream.base_url = self.base_url
-            upstream.unavailable = None
+            upstream.unavailable, upstream.healthy, upstream.failures, upstream.successes = None, True, 0, 0
 
     def _mark_unavailable(self, why: str) -> None:
         for upstream in self.upstreams:

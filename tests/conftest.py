@@ -66,11 +66,25 @@ class FakeUpstream:
         self.requests: list[dict] = []
         self.tokenize_requests: list[dict] = []
         self.auth_headers: list[str] = []
+        self.refuse = False        # answer every chat request with vLLM's 503
+        self.delay = 0.0           # seconds before answering
+        self.active = self.max_active = 0
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
+        self.active += 1
+        self.max_active = max(self.max_active, self.active)
+        try:
+            return await self._chat(request)
+        finally:
+            self.active -= 1
+
+    async def _chat(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
         self.requests.append(body)
         self.auth_headers.append(request.headers.get("Authorization", ""))
+        if self.refuse:
+            return web.json_response({"error": {"message": "server overloaded", "type": "ServiceUnavailable", "code": 503}}, status=503)
+        await asyncio.sleep(self.delay)
         last = body["messages"][-1].get("content")
         command = last if isinstance(last, str) else ""
         if command == "drop":
@@ -147,6 +161,10 @@ class FakeUpstream:
                 await send({"content": piece})
                 self.flood_sent += len(piece)
             return response
+        if command == "stall":  # one token, then silence
+            await send({"content": "x"})
+            await asyncio.sleep(30)
+            return response
         if command == "eof_mid":  # a clean end of the body, but no finish chunk and no [DONE]
             await send({"content": "partial"})
             return response
@@ -174,7 +192,7 @@ class FakeUpstream:
         return web.json_response({"tokens": [9, 9, 9], "count": 3, "max_model_len": 1024})
 
     async def health(self, request: web.Request) -> web.Response:
-        return web.Response()
+        return web.Response(status=503 if self.refuse else 200)
 
     def app(self) -> web.Application:
         app = web.Application()

@@ -43,7 +43,7 @@ async def test_token_ids_through_the_server_and_tokenize_fallback(fake_upstreams
 
 
 @pytest.mark.parametrize("command, status, code, fragment", [
-    ("drop", 502, "upstream_unreachable", "cannot reach vLLM"),
+    ("drop", 502, "upstream_unreachable", "dropped the request"),
     ("fail500", 502, "upstream_error", "engine exploded"),
     ("notjson", 502, "upstream_error", "not a JSON object"),
     ("reasoning", 502, "reasoning_parser_mismatch", "remove `--reasoning-parser`"),
@@ -158,15 +158,22 @@ async def test_session_affinity_by_cookie_and_header(fake_upstreams, proxy):
 
 
 async def test_models_and_health(fake_upstreams, proxy):
+    import asyncio
+
     [(_, url)] = await fake_upstreams(1)
-    base = await proxy(server_config([url, "http://127.0.0.1:9/v1"]))
+    base = await proxy(server_config([url, "http://127.0.0.1:9/v1"], health_check_interval_s=0.05))
     models = await strict_client(base).models.list()
     assert [m.id for m in models.data] == ["tiny"]
     async with aiohttp.ClientSession() as http:
-        async with http.get(base.removesuffix("/v1") + "/health") as answer:
-            health = await answer.json()
+        for _ in range(100):  # the background checks eject the dead upstream after 3 failures
+            async with http.get(base.removesuffix("/v1") + "/health") as answer:
+                health = await answer.json()
+            if not health["upstreams"][1]["healthy"]:
+                break
+            await asyncio.sleep(0.05)
     assert answer.status == 200 and health["status"] == "ok" and health["server"] == "policy_model"
     assert [u["healthy"] for u in health["upstreams"]] == [True, False]
+    assert health["upstreams"][1]["ejected"] and "health check" in health["upstreams"][1]["last_error"]
     assert VLLM_API_KEY not in str(health)
 
 
