@@ -44,8 +44,8 @@ def main() -> None:
         table.set(session, 0)
     assert len(table) == n
 
-    print(f"| sessions | table memory | per session | insert | lookup |")
-    print(f"|---|---|---|---|---|")
+    print("| sessions | table memory | per session | insert | lookup |")
+    print("|---|---|---|---|---|")
     print(f"| {n:,} | {held / 2**20:.0f} MiB | {held / n:.0f} B | {insert_s / n * 1e6:.2f} µs | {lookup_s / n * 1e6:.2f} µs |")
     id_bytes = sys.getsizeof(ids[0])
     print(f"(plus the session id strings the table keeps alive, {id_bytes} B each: {(held + id_bytes * n) / 2**20:.0f} MiB in all; "

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -78,3 +79,67 @@ def test_upstream_response_fuzz(message_extra, choice_extra):
             assert error.status == 502
         else:
             assert response["output"]
+
+
+# --- the HTTP layer: random bodies over a real socket --------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def live_proxy():
+    """A fake upstream and the proxy, served from a background event loop for the whole module."""
+    import asyncio
+    import threading
+
+    from aiohttp.test_utils import TestServer
+
+    from conftest import FakeUpstream, server_config
+
+    loop = asyncio.new_event_loop()
+    started = threading.Event()
+    servers = {}
+
+    async def start():
+        upstream = TestServer(FakeUpstream().app())
+        await upstream.start_server()
+        proxy = TestServer(gym_vllm.build_app(server_config(f"http://127.0.0.1:{upstream.port}/v1", return_token_id_information=True)))
+        await proxy.start_server()
+        servers.update(upstream=upstream, proxy=proxy)
+        started.set()
+
+    thread = threading.Thread(target=lambda: (loop.run_until_complete(start()), loop.run_forever()), daemon=True)
+    thread.start()
+    started.wait(10)
+    yield f"http://127.0.0.1:{servers['proxy'].port}"
+    for server in (servers["proxy"], servers["upstream"]):
+        asyncio.run_coroutine_threadsafe(server.close(), loop).result(10)
+    loop.call_soon_threadsafe(loop.stop)
+    thread.join(10)
+
+
+def http_post(url: str, data: bytes) -> tuple[int, dict]:
+    import json
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as answer:
+            return answer.status, json.loads(answer.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+@settings(max_examples=300, deadline=None)
+@given(requests, st.sampled_from(["/v1/responses", "/v1/chat/completions"]), st.booleans())
+def test_http_fuzz_never_a_5xx_or_a_traceback(live_proxy, body, path, truncate):
+    import json
+
+    from conftest import assert_openai_error
+
+    raw = json.dumps(body).encode()
+    status, answer = http_post(live_proxy + path, raw[: len(raw) // 2] if truncate else raw)
+    if status == 200:
+        assert answer.get("object") in ("response", "chat.completion"), answer
+    else:
+        assert status < 500, answer
+        assert_openai_error(status, answer)

@@ -3,7 +3,6 @@
 import asyncio
 import json
 import logging
-import os
 import signal
 import subprocess
 import sys
@@ -203,7 +202,6 @@ async def test_killing_an_upstream_under_load_loses_no_request_that_had_not_star
             if (await health(base))["upstreams"][0]["healthy"]:
                 break
             await asyncio.sleep(0.1)
-        rejoined_at = time.monotonic()
         taken_before = (await health(base))["upstreams"][0]["requests"]
         extra = [asyncio.create_task(session_worker(f"new{i}")) for i in range(6)]  # new sessions after it rejoined
         await asyncio.sleep(1.0)

@@ -76,12 +76,26 @@ async def test_sdk_raises_typed_errors(fake_upstreams, proxy):
 
 
 async def test_upstream_hang_hits_the_request_timeout(fake_upstreams, proxy):
+    import asyncio
+
     [(_, url)] = await fake_upstreams(1)
     base = await proxy(server_config(url, request_timeout_s=0.5))
     async with aiohttp.ClientSession() as http:
-        async with http.post(base + "/responses", json={"input": "hang"}) as answer:
-            error = assert_openai_error(answer.status, await answer.json())
-            assert answer.status == 504 and error["code"] == "upstream_timeout"
+        async def hung():
+            async with http.post(base + "/responses", json={"input": "hang"}) as answer:
+                return answer.status, await answer.json()
+
+        async def others():  # served while the hung request waits
+            statuses = []
+            for _ in range(5):
+                async with http.post(base + "/responses", json={"input": "fine"}) as answer:
+                    statuses.append(answer.status)
+            return statuses
+
+        (status, body), statuses = await asyncio.gather(hung(), others())
+    error = assert_openai_error(status, body)
+    assert status == 504 and error["code"] == "upstream_timeout" and "request_timeout_s=0.5" in error["message"]
+    assert statuses == [200] * 5
 
 
 async def test_unreachable_upstream_is_a_quick_502(proxy):
