@@ -31,6 +31,7 @@ import asyncio
 import collections
 import dataclasses
 import difflib
+import hashlib
 import hmac
 import json
 import logging
@@ -1483,6 +1484,10 @@ class SessionTable:
             self._entries.popitem(last=False)
 
 
+def _affinity_score(session_id: str, base_url: str) -> int:
+    return int.from_bytes(hashlib.blake2b(f"{session_id}\0{base_url}".encode(), digest_size=8).digest(), "big")
+
+
 @dataclasses.dataclass
 class Upstream:
     """One vLLM OpenAI server, addressed by its base URL (ending in /v1 by convention), and its health.
@@ -1514,15 +1519,20 @@ class Upstream:
 
 
 class Balancer:
-    """New sessions go round-robin over usable upstreams; a known session keeps its upstream while it is usable."""
+    """New sessions go round-robin over usable upstreams; a known session keeps its upstream while it is usable.
+
+    With several worker processes (`deterministic`), a session's upstream is a pure function of its id
+    and the upstreams' health (rendezvous hashing): every worker picks the same one with no shared table.
+    """
 
     def __init__(self, base_urls: Sequence[str], table: SessionTable, eject_after: int = 3, readmit_after: int = 2,
-                 name: str = "") -> None:
+                 name: str = "", deterministic: bool = False) -> None:
         self.upstreams = [Upstream(url) for url in base_urls]
         self.sessions = table
         self.eject_after = eject_after
         self.readmit_after = readmit_after
         self.name = name
+        self.deterministic = deterministic
         self._next = 0
 
     def upstream_for(self, session_id: str | None, exclude: Sequence[Upstream] = ()) -> Upstream:
@@ -1532,6 +1542,11 @@ class Balancer:
             if not upstream.usable:
                 raise self._none_usable()
             return upstream
+        if self.deterministic and session_id:
+            candidates = [u for u in self.upstreams if u.usable and u not in exclude]
+            if not candidates:
+                raise self._none_usable()
+            return max(candidates, key=lambda u: _affinity_score(session_id, u.base_url))
         index = self.sessions.get(session_id) if session_id else None
         if index is not None and self.upstreams[index].usable and self.upstreams[index] not in exclude:
             return self.upstreams[index]
@@ -2018,12 +2033,15 @@ def _body_limit(config: ServerConfig) -> int:
     return int(config.max_request_body_mb * 1024 * 1024)
 
 
-def build_app(config: ServerConfig) -> web.Application:
-    """The aiohttp application of one model server; the upstream client lives in `cleanup_ctx`."""
+def build_app(config: ServerConfig, workers: int = 1) -> web.Application:
+    """The aiohttp application of one model server; the upstream client lives in `cleanup_ctx`.
+
+    `workers` > 1: this is one of several processes sharing the port; session affinity is made deterministic.
+    """
     app = web.Application(middlewares=[error_middleware], client_max_size=_body_limit(config))
     app[CONFIG_KEY] = config
     app[BALANCER_KEY] = Balancer(config.base_url, SessionTable(config.session_table_size, config.session_idle_timeout_s),
-                                 config.eject_after_failures, config.readmit_after_successes, config.name)
+                                 config.eject_after_failures, config.readmit_after_successes, config.name, deterministic=workers > 1)
     app[STREAM_TIMEOUT_KEY] = aiohttp.ClientTimeout(total=config.request_timeout_s, sock_connect=config.connect_timeout_s,
                                                     sock_read=config.stream_idle_timeout_s)
     app[STARTED_KEY] = time.time()
@@ -2052,15 +2070,17 @@ def build_app(config: ServerConfig) -> web.Application:
 
 
 async def start_server(config: ServerConfig, host: str | None = None, port: int | None = None,
-                       app: web.Application | None = None) -> web.AppRunner:
+                       app: web.Application | None = None, workers: int = 1) -> web.AppRunner:
     """Starts one server and returns its runner (`await runner.cleanup()` stops it).
 
     `port=0` picks a free port; read it back from `runner.addresses`. `app` serves an application
-    already built with `build_app(config)` (local_vllm keeps hold of its upstreams).
+    already built with `build_app(config)` (local_vllm keeps hold of its upstreams). `workers` > 1:
+    this process shares the port with the others (SO_REUSEPORT).
     """
-    runner = web.AppRunner(app or build_app(config), access_log=None, handle_signals=False, shutdown_timeout=config.shutdown_timeout_s)
+    runner = web.AppRunner(app or build_app(config, workers), access_log=None, handle_signals=False,
+                           shutdown_timeout=config.shutdown_timeout_s)
     await runner.setup()
-    site = web.TCPSite(runner, host or config.host, config.port if port is None else port)
+    site = web.TCPSite(runner, host or config.host, config.port if port is None else port, reuse_port=workers > 1 or None)
     try:
         await site.start()
     except OSError as exc:
@@ -2072,12 +2092,12 @@ async def start_server(config: ServerConfig, host: str | None = None, port: int 
     return runner
 
 
-async def serve(configs: Sequence[ServerConfig], host: str | None = None, port: int | None = None) -> None:
+async def serve(configs: Sequence[ServerConfig], host: str | None = None, port: int | None = None, workers: int = 1) -> None:
     """Serves every config until cancelled (each server on its own port)."""
     runners = []
     try:
         for config in configs:
-            runners.append(await start_server(config, host, port))
+            runners.append(await start_server(config, host, port, workers=workers))
         await asyncio.Event().wait()
     finally:
         for runner in runners:
@@ -2096,11 +2116,47 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--env", metavar="FILE", help="variables for ${name} (default: ./env.yaml if present)")
     parser.add_argument("--host", help="listen host (only with a single server; default: the config's host, 127.0.0.1)")
     parser.add_argument("--port", type=int, help="listen port (only with a single server; default: the config's port, 8080)")
+    parser.add_argument("--workers", type=int, default=1, metavar="N",
+                        help="processes sharing each port (SO_REUSEPORT), for more than one core's worth of traffic")
+    parser.add_argument("--worker-of", type=int, default=0, help=argparse.SUPPRESS)  # set by the parent of --workers
     parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
     return parser.parse_args(argv)
 
 
+def _supervise_workers(args: argparse.Namespace, argv: Sequence[str]) -> int:
+    """The parent of `--workers N`: starts N copies of this command, restarts one that dies, stops all on a signal."""
+    import subprocess
+
+    command = [sys.executable, "-m", "gym_vllm", *argv, "--worker-of", str(args.workers)]
+    workers: list[subprocess.Popen] = [subprocess.Popen(command) for _ in range(args.workers)]
+    stopping = False
+
+    def stop(signum: int, frame: Any) -> None:
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    log.info("started %d workers: %s", len(workers), ", ".join(str(w.pid) for w in workers))
+    while not stopping:
+        time.sleep(0.2)
+        for i, worker in enumerate(workers):
+            if worker.poll() is not None and not stopping:
+                log.error("worker %d exited with code %s; starting a new one", worker.pid, worker.returncode)
+                time.sleep(1)
+                workers[i] = subprocess.Popen(command)
+    for worker in workers:
+        worker.send_signal(signal.SIGTERM)
+    for worker in workers:
+        try:
+            worker.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            worker.kill()
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = _parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -2108,9 +2164,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if (args.host or args.port is not None) and len(configs) > 1:
             raise ConfigError(f"--host/--port apply to a single server, but the config defines {len(configs)}: "
                               f"{', '.join(c.name for c in configs)}; set `host`/`port` per server instead")
+        if args.workers < 1:
+            raise ConfigError("--workers must be at least 1")
     except ConfigError as exc:
         print(f"gym_vllm: error: {exc}", file=sys.stderr)
         return 2
+    if args.workers > 1 and not args.worker_of:
+        return _supervise_workers(args, argv)
 
     async def run() -> None:
         task = asyncio.current_task()
@@ -2118,7 +2178,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, task.cancel)
         try:
-            await serve(configs, args.host, args.port)
+            await serve(configs, args.host, args.port, workers=args.worker_of or 1)
         except asyncio.CancelledError:
             log.info("shutting down")
 
