@@ -1810,8 +1810,18 @@ async def handle_chat_completions(request: web.Request) -> web.Response:
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
+def _sse_event(event: dict) -> str:
+    if event["type"] == "response.output_text.delta" and not event["logprobs"]:
+        # The event of nearly every token: formatted directly, byte for byte what _dumps would write,
+        # at a tenth of the cost (ids are our own hex strings; the delta goes through the encoder).
+        return ('event: response.output_text.delta\ndata: {"type":"response.output_text.delta","sequence_number":'
+                f'{event["sequence_number"]},"item_id":"{event["item_id"]}","output_index":{event["output_index"]},'
+                f'"content_index":{event["content_index"]},"delta":{_dumps(event["delta"])},"logprobs":[]}}\n\n')
+    return f"event: {event['type']}\ndata: {_dumps(event)}\n\n"
+
+
 def _sse_bytes(events: list[dict]) -> bytes:
-    return "".join(f"event: {event['type']}\ndata: {_dumps(event)}\n\n" for event in events).encode()
+    return "".join(map(_sse_event, events)).encode()
 
 
 async def _open_sse(request: web.Request, new_session: str | None) -> web.StreamResponse:

@@ -300,3 +300,16 @@ def test_stream_machine_uses_dataclass_config():
     # the same config object drives both paths: a replaced one is honoured
     config = dataclasses.replace(BASE, model="other")
     assert check_lifecycle(run(text_chunks(["a"]), config=config))["model"] == "other"
+
+
+def test_fast_sse_formatting_is_byte_identical_to_the_encoder():
+    rng = random.Random(7)
+    alphabet = 'ab "\\\n\t\u0000\u001fé🙂</>{}'
+    machine = gym_vllm.ResponsesStream({"input": "q"}, BASE)
+    events = machine.start()
+    for _ in range(300):
+        events += machine.feed(chunk({"content": "".join(rng.choice(alphabet) for _ in range(rng.randint(1, 12)))}))
+    deltas = [e for e in events if e["type"] == "response.output_text.delta"]
+    assert len(deltas) > 250
+    for event in events:
+        assert gym_vllm._sse_event(event) == f"event: {event['type']}\ndata: {gym_vllm._dumps(event)}\n\n"
