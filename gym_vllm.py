@@ -31,6 +31,7 @@ import asyncio
 import collections
 import dataclasses
 import difflib
+import functools
 import hashlib
 import hmac
 import json
@@ -40,7 +41,6 @@ import re
 import signal
 import sys
 import time
-import uuid
 from typing import Any, Iterable, Sequence
 
 import aiohttp
@@ -883,7 +883,7 @@ def prepare_chat_request(chat: dict, config: ServerConfig, metadata: dict | None
 
 
 def _new_id(prefix: str) -> str:
-    return f"{prefix}_{uuid.uuid4().hex}"
+    return f"{prefix}_{os.urandom(16).hex()}"
 
 
 def _malformed(where: str, expected: str) -> ApiError:
@@ -912,7 +912,7 @@ def _first_choice(chat: Any) -> dict:
             isinstance(logprobs["content"], list) and all(isinstance(e, dict) for e in logprobs["content"])))):
         raise _malformed("choices[0].logprobs", "{content: [...]} or null")
     for where, value in (("choices[0].token_ids", choice.get("token_ids")), ("prompt_token_ids", chat.get("prompt_token_ids"))):
-        if value is not None and not (isinstance(value, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in value)):
+        if value is not None and not (isinstance(value, list) and all(type(v) is int for v in value)):
             raise _malformed(where, "a list of integers or null")
     if chat.get("usage") is not None and not isinstance(chat["usage"], dict):
         raise _malformed("usage", "an object or null")
@@ -948,8 +948,11 @@ def extract_token_info(chat: dict) -> dict:
         log_probs = [entry.get("logprob") for entry in content]
         tokens = [entry.get("token") for entry in content]
         from_logprobs = None
-        if all(isinstance(t, str) and re.fullmatch(r"token_id:\d+", t) for t in tokens):
-            from_logprobs = [int(t[len("token_id:"):]) for t in tokens]
+        if all(type(t) is str and t.startswith("token_id:") for t in tokens):
+            try:
+                from_logprobs = [int(t[9:]) for t in tokens]  # 9 == len("token_id:")
+            except ValueError:
+                from_logprobs = None
         generated = choice.get("token_ids")
         if generated is None:
             generated = from_logprobs
@@ -963,8 +966,8 @@ def extract_token_info(chat: dict) -> dict:
         bundle = {"prompt_token_ids": list(prompt), "generation_token_ids": list(generated), "generation_log_probs": log_probs}
     for key in TOKEN_FIELDS:
         values = bundle[key]
-        number = (int, float) if key == "generation_log_probs" else int
-        if not isinstance(values, list) or not all(isinstance(v, number) and not isinstance(v, bool) for v in values):
+        number = (int, float) if key == "generation_log_probs" else (int,)
+        if not isinstance(values, list) or not all(type(v) in number for v in values):  # type(): bool is not a number here
             raise _malformed(key, "a list of numbers" if key == "generation_log_probs" else "a list of integers")
     if len(bundle["generation_token_ids"]) != len(bundle["generation_log_probs"]):
         raise upstream_error(
@@ -1615,19 +1618,22 @@ async def _read_json_object(request: web.Request) -> dict:
     return body
 
 
-def _cookie_name(config: ServerConfig) -> str:
-    return f"gym_vllm_{re.sub(r'[^A-Za-z0-9_]', '_', config.name)}"
+@functools.lru_cache(maxsize=64)
+def _cookie_name(server_name: str) -> str:
+    return f"gym_vllm_{re.sub(r'[^A-Za-z0-9_]', '_', server_name)}"
 
 
-def _session_of(request: web.Request, config: ServerConfig) -> tuple[str, str | None]:
+def _session_of(request: web.Request, config: ServerConfig) -> tuple[str | None, str | None]:
     """(session id, cookie value to set): `X-Session-ID` wins, then the server's cookie, else a new session."""
+    if len(config.base_url) == 1:
+        return None, None  # nothing to choose between: no session needed
     header = request.headers.get(SESSION_HEADER)
     if header:
         return header, None
-    cookie = request.cookies.get(_cookie_name(config))
+    cookie = request.cookies.get(_cookie_name(config.name))
     if cookie:
         return cookie, None
-    new = uuid.uuid4().hex
+    new = os.urandom(16).hex()
     return new, new
 
 
@@ -1700,7 +1706,7 @@ def _upstream_failure(config: ServerConfig, url: str, status: int, body: Any) ->
     return upstream_error(f"vLLM at {url} failed with HTTP {status}: {message}")
 
 
-async def _chat_upstream(request: web.Request, session_id: str, chat_body: dict) -> dict | aiohttp.ClientResponse | None:
+async def _chat_upstream(request: web.Request, session_id: str | None, chat_body: dict) -> dict | aiohttp.ClientResponse | None:
     """Sends a chat body to the session's upstream.
 
     Returns the completion; for `stream: true` the open upstream response, to be relayed; None when
@@ -1722,7 +1728,7 @@ async def _chat_upstream(request: web.Request, session_id: str, chat_body: dict)
     return body
 
 
-async def _send_with_failover(request: web.Request, session_id: str, chat_body: dict) -> tuple[Upstream, aiohttp.ClientResponse]:
+async def _send_with_failover(request: web.Request, session_id: str | None, chat_body: dict) -> tuple[Upstream, aiohttp.ClientResponse]:
     """Opens the request on the session's upstream, moving it to the next healthy one only when the
     first could not have seen it (connection refused) or said 503: never a blind retry after vLLM may
     have generated. Bounded attempts with backoff; 503 at once when no upstream is usable."""
@@ -1767,7 +1773,7 @@ def _set_session_cookie(response: web.Response, request: web.Request, new_sessio
     """Hands a new session its cookie, so cookie-keeping clients stay on one upstream."""
     config = request.app[CONFIG_KEY]
     if new_session and len(config.base_url) > 1:
-        response.set_cookie(_cookie_name(config), new_session, httponly=True, samesite="Lax", max_age=int(config.session_idle_timeout_s))
+        response.set_cookie(_cookie_name(config.name), new_session, httponly=True, samesite="Lax", max_age=int(config.session_idle_timeout_s))
     return response
 
 

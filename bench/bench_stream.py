@@ -29,149 +29,24 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
-import ctypes
 import dataclasses
 import json
 import math
 import os
 import platform
-import pstats
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
-from typing import Any, Callable
+from typing import Callable
 
 import aiohttp
 
-ROOT = Path(__file__).resolve().parent.parent
-BENCH = ROOT / "bench"
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-JSON_HEADERS = {"Content-Type": "application/json", "Authorization": "Bearer bench"}
-
-
-# ============================================================================================
-# Child processes
-# ============================================================================================
-
-
-class StartError(RuntimeError):
-    """A child process did not come up; the message carries its stderr tail."""
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of a process (all its threads), in seconds."""
-    with open(f"/proc/{pid}/stat", "rb") as f:
-        fields = f.read().rsplit(b")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / CLK_TCK  # fields 14 and 15 of proc(5), counted from `state`
-
-
-def machine_cpu() -> tuple[float, float]:
-    """(busy, total) CPU seconds of the whole machine since boot, from the `cpu` line of /proc/stat."""
-    with open("/proc/stat", "rb") as f:
-        ticks = [int(v) for v in f.readline().split()[1:]]
-    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)       # idle + iowait
-    total = sum(ticks[:8])                                        # guest time is already inside user/nice
-    return (total - idle) / CLK_TCK, total / CLK_TCK
-
-
-def foreign_load(seconds: float = 0.5) -> float:
-    """How many cores were busy over `seconds`, before any of ours started."""
-    busy0, _ = machine_cpu()
-    time.sleep(seconds)
-    busy1, _ = machine_cpu()
-    return (busy1 - busy0) / seconds
-
-
-def _die_with_parent() -> None:
-    """In the child: get SIGTERM if the benchmark dies without cleaning up (Linux PR_SET_PDEATHSIG)."""
-    with contextlib.suppress(Exception):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)
-
-
-class Child:
-    """A server process with its stderr in a temp file, and a URL that answers 200 once it is ready."""
-
-    def __init__(self, name: str, argv: list[str], ready_url: str, workdir: Path) -> None:
-        self.name = name
-        self.argv = argv
-        self.ready_url = ready_url
-        self.stderr_path = workdir / f"{name}.stderr"
-        self.process: subprocess.Popen | None = None
-
-    @property
-    def pid(self) -> int:
-        assert self.process is not None
-        return self.process.pid
-
-    def start(self) -> None:
-        with open(self.stderr_path, "wb") as stderr:
-            self.process = subprocess.Popen(self.argv, cwd=ROOT, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr,
-                                            start_new_session=True, preexec_fn=_die_with_parent)
-
-    def stderr_tail(self, lines: int = 25) -> str:
-        try:
-            text = self.stderr_path.read_text(errors="replace")
-        except OSError:
-            return "(no stderr captured)"
-        return "\n".join(text.splitlines()[-lines:]) or "(stderr is empty)"
-
-    def wait_ready(self, timeout_s: float = 30.0) -> None:
-        assert self.process is not None
-        deadline = time.monotonic() + timeout_s
-        last_error = "no answer yet"
-        while time.monotonic() < deadline:
-            code = self.process.poll()
-            if code is not None:
-                raise StartError(f"{self.name} exited with code {code} before answering {self.ready_url}\n"
-                                 f"command: {' '.join(self.argv)}\n--- stderr tail ---\n{self.stderr_tail()}")
-            try:
-                with urllib.request.urlopen(self.ready_url, timeout=2) as response:
-                    if response.status == 200:
-                        return
-                    last_error = f"HTTP {response.status}"
-            except (urllib.error.URLError, OSError) as exc:
-                last_error = str(exc)
-            time.sleep(0.1)
-        raise StartError(f"{self.name} did not answer {self.ready_url} within {timeout_s:g} s ({last_error})\n"
-                         f"command: {' '.join(self.argv)}\n--- stderr tail ---\n{self.stderr_tail()}")
-
-    def stop(self, grace_s: float = 10.0) -> int | None:
-        """SIGTERM, then SIGKILL after `grace_s`; returns the exit code."""
-        process = self.process
-        if process is None or process.poll() is not None:
-            return None if process is None else process.returncode
-        process.send_signal(signal.SIGTERM)
-        try:
-            return process.wait(grace_s)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            return process.wait()
-
-
-def gym_config(upstream_port: int, gym_port: int) -> str:
-    return f"""bench_model:
-  responses_api_models:
-    vllm_model:
-      base_url: http://127.0.0.1:{upstream_port}/v1
-      api_key: bench
-      model: bench
-      return_token_id_information: false
-      uses_reasoning_parser: true
-      port: {gym_port}
-"""
+from harness import (JSON_HEADERS, Child, StartError, closed_loop, foreign_load, free_port, gym_child, passthrough_child,
+                     percentile, print_profile, progress, start_all, stop_all, upstream_child)
+from harness import fmt as _fmt
+from harness import interrupt as _interrupt
 
 
 # ============================================================================================
@@ -263,14 +138,6 @@ async def probe(session: aiohttp.ClientSession, target: Target) -> int:
     return counter.events
 
 
-def percentile(values: list[float], q: float) -> float:
-    """Nearest-rank percentile (q in 0..1); NaN for no values."""
-    if not values:
-        return math.nan
-    ordered = sorted(values)
-    return ordered[max(0, min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1))]
-
-
 @dataclasses.dataclass
 class Result:
     concurrency: int
@@ -300,37 +167,17 @@ class Result:
 async def run_target(session: aiohttp.ClientSession, target: Target, upstream: Child, concurrency: int,
                      warmup_s: float, seconds: float) -> Result:
     expected = await probe(session, target)
-    samples: list[Sample] = []
-    marks: dict[str, tuple[float, float | None, float, float, float]] = {}
-    begin = time.perf_counter()
-    window_start, deadline = begin + warmup_s, begin + warmup_s + seconds
-
-    def mark(name: str) -> None:
-        proxy_cpu = cpu_seconds(target.proxy.pid) if target.proxy else None
-        marks[name] = (time.perf_counter(), proxy_cpu, cpu_seconds(upstream.pid), time.process_time(), machine_cpu()[0])
-
-    async def at(when: float, name: str) -> None:
-        await asyncio.sleep(max(0.0, when - time.perf_counter()))
-        mark(name)
-
-    async def worker() -> None:
-        while time.perf_counter() < deadline:
-            samples.append(await one_request(session, target, expected))
-
-    await asyncio.gather(at(window_start, "start"), at(deadline, "end"), *(worker() for _ in range(concurrency)))
-
-    t0, proxy0, up0, me0, busy0 = marks["start"]
-    t1, proxy1, up1, me1, busy1 = marks["end"]
-    window = [s for s in samples if t0 <= s.end <= t1]
-    good = [s for s in window if s.ok]
-    errors = [s for s in window if not s.ok]
+    watch = {"upstream": upstream.pid, **({"proxy": target.proxy.pid} if target.proxy else {})}
+    window = await closed_loop(lambda: one_request(session, target, expected), concurrency, warmup_s, seconds, watch)
+    good = [s for s in window.samples if s.ok]
+    errors = [s for s in window.samples if not s.ok]
     events = sum(s.events for s in good)
-    span = t1 - t0
+    span = window.span
 
     def per_event(cpu_s: float) -> float:
         return cpu_s * 1e6 / events if events else math.nan
 
-    proxy_cpu = None if proxy0 is None or proxy1 is None else proxy1 - proxy0
+    proxy_cpu = window.cpu.get("proxy")
     return Result(
         concurrency=concurrency, target=target.key, label=target.label, window_s=span, requests=len(good),
         errors=len(errors), first_error=errors[0].error if errors else "", events_per_request=expected,
@@ -340,20 +187,14 @@ async def run_target(session: aiohttp.ClientSession, target: Target, upstream: C
         total_p50_ms=percentile([s.total for s in good], 0.50) * 1e3, total_p99_ms=percentile([s.total for s in good], 0.99) * 1e3,
         proxy_cpu_s=proxy_cpu, proxy_cpu_percent=None if proxy_cpu is None else 100 * proxy_cpu / span,
         proxy_cpu_us_per_event=None if proxy_cpu is None else per_event(proxy_cpu),
-        upstream_cpu_us_per_event=per_event(up1 - up0), loadgen_cpu_us_per_event=per_event(me1 - me0),
-        other_cores=((busy1 - busy0) - (proxy_cpu or 0.0) - (up1 - up0) - (me1 - me0)) / span,
+        upstream_cpu_us_per_event=per_event(window.cpu["upstream"]), loadgen_cpu_us_per_event=per_event(window.loadgen_cpu),
+        other_cores=window.other_cores,
     )
 
 
 # ============================================================================================
 # Report
 # ============================================================================================
-
-
-def _fmt(value: float | None, spec: str = ".0f", suffix: str = "") -> str:
-    if value is None or (isinstance(value, float) and math.isnan(value)):
-        return "–"
-    return f"{value:{spec}}{suffix}"
 
 
 def markdown_table(results: list[Result]) -> str:
@@ -448,27 +289,8 @@ async def measure(args: argparse.Namespace, targets: list[Target], upstream: Chi
     return results
 
 
-def print_profile(path: str, limit: int = 30) -> None:
-    if not os.path.exists(path):
-        print(f"\n(no profile written to {path})")
-        return
-    print(f"\n## gym_vllm cProfile ({path}), top {limit} by own time\n")
-    stats = pstats.Stats(path, stream=sys.stdout)
-    stats.sort_stats("tottime").print_stats(limit)
-
-
-def progress(line: str) -> None:
-    print(line, file=sys.stderr, flush=True)
-
-
-def _interrupt(signum: int, frame: Any) -> None:
-    """SIGTERM behaves like Ctrl-C: unwind, stopping the children on the way out."""
-    raise KeyboardInterrupt
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    python = sys.executable
     children: list[Child] = []
     previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)
     background = foreign_load()
@@ -479,23 +301,10 @@ def main(argv: list[str] | None = None) -> int:
         workdir = Path(tmp)
         try:
             upstream_port, pass_port, gym_port = free_port(), free_port(), free_port()
-            config_path = workdir / "bench.yaml"
-            config_path.write_text(gym_config(upstream_port, gym_port))
-            upstream = Child("fake_upstream", [python, str(BENCH / "fake_upstream.py"), "--port", str(upstream_port),
-                                               "--token-delay-ms", str(args.token_delay_ms), "--think-tokens", str(args.think_tokens)],
-                             f"http://127.0.0.1:{upstream_port}/health", workdir)
-            passthrough = Child("passthrough", [python, str(BENCH / "passthrough.py"), "--port", str(pass_port),
-                                                "--upstream", f"http://127.0.0.1:{upstream_port}"],
-                                f"http://127.0.0.1:{pass_port}/health", workdir)
-            profiler = ["-m", "cProfile", "-o", os.path.abspath(args.profile_gym)] if args.profile_gym else []
-            entry = [os.path.abspath(args.gym_launcher)] if args.gym_launcher else ["-m", "gym_vllm"]
-            gym = Child("gym_vllm", [python, *profiler, *entry, "--config", str(config_path), "--log-level", "WARNING"],
-                        f"http://127.0.0.1:{gym_port}/health", workdir)
-            for child in (upstream, passthrough, gym):
-                child.start()
-                children.append(child)
-            for child in children:
-                child.wait_ready()
+            upstream = upstream_child(workdir, upstream_port, args.token_delay_ms, args.think_tokens)
+            passthrough = passthrough_child(workdir, pass_port, upstream_port)
+            gym = gym_child(workdir, "gym_vllm", upstream_port, gym_port, profile=args.profile_gym, launcher=args.gym_launcher)
+            start_all([upstream, passthrough, gym], children)
             progress(f"started: fake_upstream :{upstream_port} (pid {upstream.pid}), passthrough :{pass_port} "
                      f"(pid {passthrough.pid}), gym_vllm :{gym_port} (pid {gym.pid})")
 
@@ -509,8 +318,7 @@ def main(argv: list[str] | None = None) -> int:
             print("bench_stream: interrupted", file=sys.stderr)
             return 130
         finally:
-            for child in reversed(children):
-                child.stop()
+            stop_all(children)
             signal.signal(signal.SIGTERM, previous_sigterm)
 
     setup = {"tokens": args.tokens, "seconds": args.seconds, "warmup": args.warmup, "think_tokens": args.think_tokens,

@@ -17,7 +17,9 @@ proxy in front of it is the only thing that does real work. Shapes follow what v
 `return_token_ids: true` adds `prompt_token_ids` and per-choice/per-chunk `token_ids`; `logprobs: true`
 adds `logprobs.content` entries (`"token": "token_id:<n>"` with `return_tokens_as_token_ids`).
 The reply begins with a `<think>…</think>` block of `--think-tokens` tokens (or the request's
-`bench_think_tokens` field), counted in `max_tokens`.
+`bench_think_tokens` field), counted in `max_tokens`. A non-streaming request with `bench_tool_calls: N`
+(N > 0) also gets N `message.tool_calls` (functions named after the request's `tools`, in turn) and
+`finish_reason: "tool_calls"`, like vLLM's hermes tool parser; streaming ignores it.
 
 Everything that does not depend on the request id is serialized once, at start or on first use,
 so the upstream costs little CPU: a streamed token is one bytes concatenation and one write.
@@ -108,7 +110,8 @@ def _error(status: int, message: str, param: str | None = None) -> web.Response:
 class Options:
     """What a request asks for, read once."""
 
-    __slots__ = ("model", "max_tokens", "think_tokens", "token_ids", "logprobs", "as_token_ids", "usage", "prompt_tokens")
+    __slots__ = ("model", "max_tokens", "think_tokens", "token_ids", "logprobs", "as_token_ids", "usage", "prompt_tokens",
+                 "tool_names")
 
     def __init__(self, body: dict, default_think: int) -> None:
         self.model = body.get("model") if isinstance(body.get("model"), str) else "bench"
@@ -122,19 +125,28 @@ class Options:
         stream_options = body.get("stream_options")
         self.usage = isinstance(stream_options, dict) and bool(stream_options.get("include_usage"))
         self.prompt_tokens = _prompt_length(body)
+        calls = body.get("bench_tool_calls")
+        tools = body.get("tools") if isinstance(body.get("tools"), list) else []
+        functions = [t.get("function") for t in tools if isinstance(t, dict)]
+        names = [f.get("name") for f in functions if isinstance(f, dict) and isinstance(f.get("name"), str)] or ["bench_tool"]
+        self.tool_names = tuple(names[k % len(names)] for k in range(calls)) if isinstance(calls, int) and calls > 0 else ()
 
 
 @functools.lru_cache(maxsize=256)
 def _completion_template(model: str, max_tokens: int, think_tokens: int, token_ids: bool, logprobs: bool,
-                         as_token_ids: bool, prompt_tokens: int) -> bytes:
-    """A whole non-streaming reply, serialized once per shape; `@@ID@@` and `@@CREATED@@` are filled per request."""
+                         as_token_ids: bool, prompt_tokens: int, tool_names: tuple[str, ...] = ()) -> bytes:
+    """A whole non-streaming reply, serialized once per shape; `@@ID@@`, `@@CREATED@@` (and `@@CALL@@`, in
+    tool call ids) are filled per request."""
     sequence = token_sequence(max_tokens, think_tokens)
+    tool_calls = [{"id": f"chatcmpl-tool-@@CALL@@{k}", "type": "function",
+                   "function": {"name": name, "arguments": _dumps({"city": "Paris", "unit": "celsius", "call": k})}}
+                  for k, name in enumerate(tool_names)]
     choice = {
         "index": 0,
         "message": {"role": "assistant", "content": "".join(TEXTS[j] for j in sequence), "refusal": None,
-                    "annotations": None, "audio": None, "function_call": None, "tool_calls": [], "reasoning": None},
+                    "annotations": None, "audio": None, "function_call": None, "tool_calls": tool_calls, "reasoning": None},
         "logprobs": {"content": [_logprob_entry(j, as_token_ids) for j in sequence]} if logprobs else None,
-        "finish_reason": "length", "stop_reason": None,
+        "finish_reason": "tool_calls" if tool_calls else "length", "stop_reason": None,
         "token_ids": [TOKEN_ID_BASE + j for j in sequence] if token_ids else None,
     }
     body = {"id": "@@ID@@", "object": "chat.completion", "created": 1234567890, "model": model, "choices": [choice],
@@ -163,8 +175,10 @@ class FakeVllm:
         if body.get("stream"):
             return await self._stream(request, options, request_id, created)
         template = _completion_template(options.model, options.max_tokens, options.think_tokens, options.token_ids,
-                                        options.logprobs, options.as_token_ids, options.prompt_tokens)
+                                        options.logprobs, options.as_token_ids, options.prompt_tokens, options.tool_names)
         raw = template.replace(b"@@ID@@", f"chatcmpl-{request_id}".encode(), 1).replace(b"@@CREATED@@", str(created).encode(), 1)
+        if options.tool_names:
+            raw = raw.replace(b"@@CALL@@", request_id[:16].encode())
         return web.Response(body=raw, content_type="application/json")
 
     async def _stream(self, request: web.Request, options: Options, request_id: str, created: int) -> web.StreamResponse:
