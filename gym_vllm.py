@@ -930,17 +930,19 @@ def _reasoning_from_upstream(message: dict, config: ServerConfig) -> str | None:
     return reasoning or None
 
 
-def extract_token_info(chat: dict) -> dict:
+def extract_token_info(chat: dict, choice: dict | None = None) -> dict:
     """The training bundle of a chat completion: prompt ids, generated ids and their log probs.
 
     Sources, in order: a complete bundle on the message (NeMo RL's patched vLLM), else vLLM's
     `return_token_ids` fields checked against `token_id:<n>` logprob tokens. Anything partial or
-    inconsistent is a 502: training on misaligned tokens silently corrupts a run.
+    inconsistent is a 502: training on misaligned tokens silently corrupts a run. `choice`: the
+    already checked `_first_choice(chat)`, when the caller has it.
     """
-    choice = _first_choice(chat)
+    choice = choice or _first_choice(chat)
     message = choice.get("message") or {}
     if all(message.get(key) is not None for key in TOKEN_FIELDS):
         bundle = {key: message[key] for key in TOKEN_FIELDS}
+        unchecked = TOKEN_FIELDS  # not covered by _first_choice
     else:
         content = (choice.get("logprobs") or {}).get("content")
         if content is None:
@@ -964,7 +966,8 @@ def extract_token_info(chat: dict) -> dict:
         if prompt is None:
             raise upstream_error("vLLM returned no prompt_token_ids", code="token_ids_missing")
         bundle = {"prompt_token_ids": list(prompt), "generation_token_ids": list(generated), "generation_log_probs": log_probs}
-    for key in TOKEN_FIELDS:
+        unchecked = ("generation_log_probs",)  # the ids were checked by _first_choice or parsed as ints above
+    for key in unchecked:
         values = bundle[key]
         number = (int, float) if key == "generation_log_probs" else (int,)
         if not isinstance(values, list) or not all(type(v) in number for v in values):  # type(): bool is not a number here
@@ -1076,7 +1079,7 @@ def chat_response_to_responses(chat: dict, request: dict, config: ServerConfig) 
             "name": function.get("name", ""), "arguments": function.get("arguments") or "",
         })
     if config.return_token_id_information:
-        output[-1].update(extract_token_info(chat))
+        output[-1].update(extract_token_info(chat, choice))
     return _response_envelope(request, config, chat.get("created") or time.time(), output, status,
                               incomplete_reason, _usage_to_responses(chat.get("usage")))
 
@@ -1094,7 +1097,7 @@ def chat_response_for_client(chat: dict, request: dict, config: ServerConfig) ->
         message = {k: v for k, v in message.items() if k not in ("reasoning", "reasoning_content")}
         message["content"] = f"<think>{reasoning}</think>{message.get('content') or ''}"
     if config.return_token_id_information:
-        message = {**message, **extract_token_info(chat)}
+        message = {**message, **extract_token_info(chat, choice)}
         chat = {k: v for k, v in chat.items() if k != "prompt_token_ids"}
         choice = {k: v for k, v in choice.items() if k != "token_ids"}
         if not request.get("logprobs"):
