@@ -220,6 +220,13 @@ def _split_base_urls(value: str | list, where: str) -> tuple[str, ...]:
     return tuple(urls)
 
 
+def check_config_type(value: Any, types: tuple, what: str, where: str) -> Any:
+    """A config value of one of `types` (a bool never counts as a number), else a ConfigError naming the key."""
+    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+        raise ConfigError(f"{where}: expected {what}, got {value!r}")
+    return value
+
+
 def server_config_from_dict(name: str, values: dict, source: str = "<python>") -> ServerConfig:
     """Validates one `vllm_model` block (already interpolated) and builds its ServerConfig."""
     where_base = f"{source}: {name}.responses_api_models.vllm_model"
@@ -235,11 +242,7 @@ def server_config_from_dict(name: str, values: dict, source: str = "<python>") -
     for key, (types, type_name) in _CONFIG_TYPES.items():
         if key not in values:
             continue
-        value = values[key]
-        # bool is an int subclass in Python: `port: true` must still be an error.
-        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-            raise ConfigError(f"{where_base}.{key}: expected {type_name}, got {value!r}")
-        kwargs[key] = value
+        kwargs[key] = check_config_type(values[key], types, type_name, f"{where_base}.{key}")
     kwargs["base_url"] = _split_base_urls(kwargs["base_url"], f"{where_base}.base_url")
     for key in ("connect_timeout_s", "request_timeout_s", "max_request_body_mb", "session_idle_timeout_s",
                 "stream_idle_timeout_s", "health_check_interval_s", "shutdown_timeout_s"):
@@ -1320,22 +1323,19 @@ class ResponsesStream:
                 "summary": [], "content": []}
         self._add_item(events, item)
         where = {"item_id": item["id"], "output_index": len(self.output) - 1}
-        for index, text in enumerate(blocks):
-            part = {"type": "reasoning_text", "text": text}
-            self._event(events, "response.content_part.added", **where, content_index=index, part={"type": "reasoning_text", "text": ""})
-            if text:
-                self._event(events, "response.reasoning_text.delta", **where, content_index=index, delta=text)
-            self._event(events, "response.reasoning_text.done", **where, content_index=index, text=text)
-            self._event(events, "response.content_part.done", **where, content_index=index, part=part)
-            item["content"].append(part)
-        for index, text in enumerate(blocks):
-            part = {"type": "summary_text", "text": text}
-            self._event(events, "response.reasoning_summary_part.added", **where, summary_index=index, part={"type": "summary_text", "text": ""})
-            if text:
-                self._event(events, "response.reasoning_summary_text.delta", **where, summary_index=index, delta=text)
-            self._event(events, "response.reasoning_summary_text.done", **where, summary_index=index, text=text)
-            self._event(events, "response.reasoning_summary_part.done", **where, summary_index=index, part=part)
-            item["summary"].append(part)
+        # The same text twice: as content parts, then as summary parts (their events differ only in names).
+        for field, part_type, part_events, text_events, index_key in (
+                ("content", "reasoning_text", "response.content_part", "response.reasoning_text", "content_index"),
+                ("summary", "summary_text", "response.reasoning_summary_part", "response.reasoning_summary_text", "summary_index")):
+            for index, text in enumerate(blocks):
+                at = {**where, index_key: index}
+                part = {"type": part_type, "text": text}
+                self._event(events, f"{part_events}.added", **at, part={"type": part_type, "text": ""})
+                if text:
+                    self._event(events, f"{text_events}.delta", **at, delta=text)
+                self._event(events, f"{text_events}.done", **at, text=text)
+                self._event(events, f"{part_events}.done", **at, part=part)
+                item[field].append(part)
 
     def _message_delta(self, events: list, text: str) -> None:
         if not text:
@@ -2134,6 +2134,14 @@ async def serve(configs: Sequence[ServerConfig], host: str | None = None, port: 
 # ============================================================================================
 
 
+def cancel_on_signals() -> None:
+    """SIGINT/SIGTERM cancel the running task, so its `finally` blocks shut down cleanly (local_vllm uses it too)."""
+    task = asyncio.current_task()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, task.cancel)
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m gym_vllm", description="OpenAI Responses API proxy in front of vLLM.")
     parser.add_argument("--config", action="append", required=True, metavar="FILE[,FILE]",
@@ -2198,10 +2206,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _supervise_workers(args, argv)
 
     async def run() -> None:
-        task = asyncio.current_task()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, task.cancel)
+        cancel_on_signals()
         try:
             await serve(configs, args.host, args.port, workers=args.worker_of or 1)
         except asyncio.CancelledError:

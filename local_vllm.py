@@ -116,10 +116,7 @@ class Plan:
 
 
 def _check(values: dict, key: str, types: tuple, what: str, where: str) -> Any:
-    value = values[key]
-    if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
-        raise ConfigError(f"{where}.{key}: expected {what}, got {value!r}")
-    return value
+    return gym_vllm.check_config_type(values[key], types, what, f"{where}.{key}")
 
 
 def engine_from_block(block: ServerBlock) -> tuple[EngineConfig, dict]:
@@ -643,10 +640,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
 
     async def supervise() -> int:
-        task = asyncio.current_task()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, task.cancel)
+        gym_vllm.cancel_on_signals()
         try:
             return await run(plan, args.log_dir)
         except asyncio.CancelledError:
