@@ -1803,7 +1803,7 @@ async def handle_responses(request: web.Request) -> web.Response:
     session_id, new_session = _session_of(request, config)
     chat = await _chat_upstream(request, session_id, chat_body)
     if body.get("stream"):
-        return await _stream_responses(request, ResponsesStream(body, config), chat, new_session)
+        return await _relay_stream(request, chat, new_session, _ResponsesSSE(ResponsesStream(body, config)))
     response = context_overflow_response(body, config) if chat is None else chat_response_to_responses(chat, body, config)
     return _set_session_cookie(_json_response(response), request, new_session)
 
@@ -1815,7 +1815,7 @@ async def handle_chat_completions(request: web.Request) -> web.Response:
     session_id, new_session = _session_of(request, config)
     chat = await _chat_upstream(request, session_id, chat_body)
     if body.get("stream"):
-        return await _stream_chat(request, chat, new_session)
+        return await _relay_stream(request, chat, new_session, _ChatSSE(config))
     response = context_overflow_chat_response(config) if chat is None else chat_response_for_client(chat, body, config)
     return _set_session_cookie(_json_response(response), request, new_session)
 
@@ -1897,77 +1897,93 @@ def _stream_failure(request: web.Request, exc: BaseException) -> ApiError:
     return upstream_error(f"vLLM broke off the stream: {exc.__class__.__name__}: {exc}", code="upstream_unreachable")
 
 
-async def _stream_responses(request: web.Request, machine: ResponsesStream, upstream: aiohttp.ClientResponse | None,
-                            new_session: str | None) -> web.StreamResponse:
-    """`/v1/responses` with `stream: true`: chunks in, Responses events out, as vLLM generates."""
-    response = await _open_sse(request, new_session)
-    try:
-        await response.write(_sse_bytes(machine.start()))
-        if upstream is None:
-            events = machine.context_overflow()
-        else:
-            try:
-                async for batch in _upstream_batches(request, upstream):
-                    events = []
-                    try:
-                        for data in batch:
-                            events += machine.feed(_parse_chunk(data))
-                    finally:  # what was converted goes out, even when a later chunk of the batch failed
-                        if events:
-                            await response.write(_sse_bytes(events))
-                events = machine.finish()
-            except ConnectionResetError:
-                raise
-            except (ApiError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                failure = _stream_failure(request, exc)
-                log.warning("server %s: stream failed: %s", request.app[CONFIG_KEY].name, failure.message)
-                events = machine.fail(failure)
-        await response.write(_sse_bytes(events))
-        await response.write_eof()
-    except ConnectionResetError:
-        log.info("server %s: client disconnected mid-stream; upstream request closed", request.app[CONFIG_KEY].name)
-    finally:
-        if upstream is not None:
-            upstream.close()  # a no-op after [DONE]; otherwise it aborts the generation in vLLM
-    return response
+class _ResponsesSSE:
+    """`/v1/responses` framing for `_relay_stream`: chunks in, Responses events out (the state machine does the work)."""
+
+    def __init__(self, machine: ResponsesStream) -> None:
+        self.machine = machine
+
+    def start(self) -> bytes:
+        return _sse_bytes(self.machine.start())
+
+    def convert(self, data: bytes) -> bytes:
+        return _sse_bytes(self.machine.feed(_parse_chunk(data)))
+
+    def finish(self) -> bytes:
+        return _sse_bytes(self.machine.finish())
+
+    def fail(self, failure: ApiError) -> bytes:
+        return _sse_bytes(self.machine.fail(failure))
+
+    def overflow(self) -> bytes:
+        return _sse_bytes(self.machine.context_overflow())
 
 
-async def _stream_chat(request: web.Request, upstream: aiohttp.ClientResponse | None, new_session: str | None) -> web.StreamResponse:
-    """`/v1/chat/completions` with `stream: true`: vLLM's chunks relayed as they come, `data: [DONE]` last."""
+class _ChatSSE:
+    """`/v1/chat/completions` framing for `_relay_stream`: vLLM's chunks as they are (reasoning rewritten), `[DONE]` last."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self.relay = ChatStreamRelay(config)
+
+    def start(self) -> bytes:
+        return b""
+
+    def convert(self, data: bytes) -> bytes:
+        if self.relay.needs(data) or data.startswith(b'{"error"'):  # vLLM reports mid-stream failures so
+            data = _dumps(self.relay.rewrite(_parse_chunk(data))).encode()
+        return b"data: " + data + b"\n\n"
+
+    def finish(self) -> bytes:
+        return b"data: [DONE]\n\n"
+
+    def fail(self, failure: ApiError) -> bytes:
+        return f"data: {_dumps(failure.body())}\n\n".encode() + self.finish()
+
+    def overflow(self) -> bytes:
+        chunk = context_overflow_chat_response(self.config)
+        chunk["object"] = "chat.completion.chunk"
+        chunk["choices"][0]["delta"] = chunk["choices"][0].pop("message")
+        return f"data: {_dumps(chunk)}\n\n".encode() + self.finish()
+
+
+async def _relay_stream(request: web.Request, upstream: aiohttp.ClientResponse | None, new_session: str | None,
+                        framing: _ResponsesSSE | _ChatSSE) -> web.StreamResponse:
+    """Relays vLLM's SSE to the client as it arrives, one write per network read, in `framing`'s format.
+
+    A failure mid-stream ends the stream in the endpoint's own way; a client that leaves closes the
+    upstream request at once (vLLM aborts the generation).
+    """
     config = request.app[CONFIG_KEY]
     response = await _open_sse(request, new_session)
-    relay = ChatStreamRelay(config)
     try:
+        await response.write(framing.start())
         if upstream is None:
-            chunk = context_overflow_chat_response(config)
-            chunk["object"] = "chat.completion.chunk"
-            chunk["choices"][0]["delta"] = chunk["choices"][0].pop("message")
-            await response.write(f"data: {_dumps(chunk)}\n\n".encode())
+            tail = framing.overflow()
         else:
             try:
                 async for batch in _upstream_batches(request, upstream):
-                    relayed = []
+                    converted = []
                     try:
                         for data in batch:
-                            if relay.needs(data) or data.startswith(b'{"error"'):  # vLLM reports mid-stream failures so
-                                data = _dumps(relay.rewrite(_parse_chunk(data))).encode()
-                            relayed.append(b"data: " + data + b"\n\n")
-                    finally:
-                        if relayed:
-                            await response.write(b"".join(relayed))
+                            converted.append(framing.convert(data))
+                    finally:  # what was converted goes out, even when a later chunk of the batch failed
+                        if converted:
+                            await response.write(b"".join(converted))
+                tail = framing.finish()
             except ConnectionResetError:
                 raise
             except (ApiError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 failure = _stream_failure(request, exc)
                 log.warning("server %s: stream failed: %s", config.name, failure.message)
-                await response.write(f"data: {_dumps(failure.body())}\n\n".encode())
-        await response.write(b"data: [DONE]\n\n")
+                tail = framing.fail(failure)
+        await response.write(tail)
         await response.write_eof()
     except ConnectionResetError:
         log.info("server %s: client disconnected mid-stream; upstream request closed", config.name)
     finally:
         if upstream is not None:
-            upstream.close()
+            upstream.close()  # a no-op after [DONE]; otherwise it aborts the generation in vLLM
     return response
 
 
