@@ -28,7 +28,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import bisect
 import collections
+import contextlib
 import dataclasses
 import difflib
 import functools
@@ -1516,6 +1518,8 @@ class Upstream:
     successes: int = 0      # in a row, while ejected
     last_error: str | None = None
     requests: int = 0       # requests it has taken
+    ejections: int = 0
+    restarts: int = 0       # of the engine behind it, counted by local_vllm
 
     @property
     def usable(self) -> bool:
@@ -1592,8 +1596,133 @@ class Balancer:
         upstream.last_error = detail or upstream.last_error
         if upstream.healthy and upstream.failures >= self.eject_after:
             upstream.healthy = False
+            upstream.ejections += 1
             log.warning("server %s: upstream %s ejected after %d failures in a row: %s", self.name, upstream.base_url,
                         upstream.failures, detail)
+
+
+# ============================================================================================
+# Metrics: counters, gauges and histograms in Prometheus' text format (a few dicts; no dependency).
+# ============================================================================================
+
+# Seconds; rollouts run from milliseconds (a 1-token judge) to many minutes (long reasoning).
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+
+class Histogram:
+    """Prometheus histogram: per-bucket counts (cumulated only when exposed), sum and count."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self) -> None:
+        self.counts = [0] * (len(LATENCY_BUCKETS) + 1)  # the last is +Inf
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        self.counts[bisect.bisect_left(LATENCY_BUCKETS, seconds)] += 1
+        self.sum += seconds
+
+
+def _label_value(value: Any) -> str:
+    return str(value).replace("\\", r"\\").replace('"', r"\"").replace("\n", r"\n")
+
+
+def _labels(labels: dict) -> str:
+    return "{" + ",".join(f'{key}="{_label_value(value)}"' for key, value in labels.items()) + "}"
+
+
+class Metrics:
+    """What one server has done since it started. Handlers count into it; `exposition()` renders it.
+
+    Families are built as (name, type, help, sample lines) so that the expositions of several worker
+    processes can be merged family by family (`merge_expositions`).
+    """
+
+    def __init__(self, server: str) -> None:
+        self.server = server
+        self.requests: collections.Counter = collections.Counter()      # (endpoint, status) -> n
+        self.in_flight: collections.Counter = collections.Counter()     # endpoint -> n
+        self.request_seconds: dict[str, Histogram] = collections.defaultdict(Histogram)   # endpoint -> latency
+        self.upstream_seconds: dict[str, Histogram] = collections.defaultdict(Histogram)  # base_url -> latency
+        self.stream_events: collections.Counter = collections.Counter()  # endpoint -> SSE events sent
+        self.context_overflows = 0
+        self.failovers = 0
+
+    def families(self, balancer: Balancer, extra_labels: dict | None = None) -> list[tuple[str, str, str, list[str]]]:
+        base = {"server": self.server, **(extra_labels or {})}
+
+        def sample(name: str, value: float, **labels: Any) -> str:
+            return f"{name}{_labels({**base, **labels})} {value}"
+
+        def histogram(name: str, histograms: dict[str, Histogram], label: str) -> list[str]:
+            lines = []
+            for key, hist in sorted(histograms.items()):
+                cumulative = 0
+                for bound, count in zip((*LATENCY_BUCKETS, "+Inf"), hist.counts):
+                    cumulative += count
+                    lines.append(sample(f"{name}_bucket", cumulative, **{label: key, "le": bound if bound == "+Inf" else f"{bound:g}"}))
+                lines.append(sample(f"{name}_sum", hist.sum, **{label: key}))
+                lines.append(sample(f"{name}_count", cumulative, **{label: key}))
+            return lines
+
+        upstreams = balancer.upstreams
+        return [
+            ("gym_vllm_requests_total", "counter", "Requests answered, by endpoint and HTTP status.",
+             [sample("gym_vllm_requests_total", n, endpoint=e, status=s) for (e, s), n in sorted(self.requests.items())]),
+            ("gym_vllm_requests_in_flight", "gauge", "Requests being handled now, by endpoint.",
+             [sample("gym_vllm_requests_in_flight", n, endpoint=e) for e, n in sorted(self.in_flight.items())]),
+            ("gym_vllm_request_duration_seconds", "histogram", "Time from request to the last byte of the answer (streams included).",
+             histogram("gym_vllm_request_duration_seconds", self.request_seconds, "endpoint")),
+            ("gym_vllm_upstream_duration_seconds", "histogram", "Time from sending to vLLM to the end of its answer, by upstream.",
+             histogram("gym_vllm_upstream_duration_seconds", self.upstream_seconds, "upstream")),
+            ("gym_vllm_stream_events_total", "counter", "SSE events sent to clients, by endpoint.",
+             [sample("gym_vllm_stream_events_total", n, endpoint=e) for e, n in sorted(self.stream_events.items())]),
+            ("gym_vllm_context_overflows_total", "counter", "Prompts over the context length answered as empty incomplete replies.",
+             [sample("gym_vllm_context_overflows_total", self.context_overflows)]),
+            ("gym_vllm_failovers_total", "counter", "Requests moved to another upstream because the first could not take them.",
+             [sample("gym_vllm_failovers_total", self.failovers)]),
+            ("gym_vllm_upstream_requests_total", "counter", "Requests sent to each upstream.",
+             [sample("gym_vllm_upstream_requests_total", u.requests, upstream=u.base_url) for u in upstreams]),
+            ("gym_vllm_upstream_healthy", "gauge", "1 while the upstream takes requests (not ejected, not restarting), else 0.",
+             [sample("gym_vllm_upstream_healthy", int(u.usable), upstream=u.base_url) for u in upstreams]),
+            ("gym_vllm_upstream_ejections_total", "counter", "Times the upstream was ejected after failures in a row.",
+             [sample("gym_vllm_upstream_ejections_total", u.ejections, upstream=u.base_url) for u in upstreams]),
+            ("gym_vllm_engine_restarts_total", "counter", "Restarts of the vLLM engine behind the upstream (local_vllm only).",
+             [sample("gym_vllm_engine_restarts_total", u.restarts, upstream=u.base_url) for u in upstreams]),
+            ("gym_vllm_sessions", "gauge", "Entries in the session-affinity table.",
+             [sample("gym_vllm_sessions", len(balancer.sessions))]),
+            ("process_cpu_seconds_total", "counter", "CPU time (user and system) of this process.",
+             [sample("process_cpu_seconds_total", round(time.process_time(), 3))]),
+            ("process_resident_memory_bytes", "gauge", "Resident memory of this process.",
+             [sample("process_resident_memory_bytes", _resident_bytes())]),
+        ]
+
+
+def _resident_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:  # not Linux: the peak is the best the standard library knows
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def merge_families(expositions: Iterable[list]) -> list[tuple[str, str, str, list[str]]]:
+    """Families of several processes as one: samples of a family side by side (each process labels its own)."""
+    merged: dict[str, tuple[str, str, str, list[str]]] = {}
+    for families in expositions:
+        for name, kind, help_text, lines in families:
+            merged.setdefault(name, (name, kind, help_text, []))[3].extend(lines)
+    return list(merged.values())
+
+
+def render_families(families: Iterable[tuple[str, str, str, list[str]]]) -> str:
+    """Prometheus text exposition (format 0.0.4) of (name, type, help, sample lines)."""
+    out = []
+    for name, kind, help_text, lines in families:
+        out.append(f"# HELP {name} {help_text}\n# TYPE {name} {kind}\n")
+        out.extend(line + "\n" for line in lines)
+    return "".join(out)
 
 
 # ============================================================================================
@@ -1605,7 +1734,16 @@ BALANCER_KEY = web.AppKey("balancer", Balancer)
 CLIENT_KEY = web.AppKey("client", aiohttp.ClientSession)
 STREAM_TIMEOUT_KEY = web.AppKey("stream_timeout", aiohttp.ClientTimeout)
 STARTED_KEY = web.AppKey("started_at", float)
+METRICS_KEY = web.AppKey("metrics", Metrics)
+METRICS_DIR_KEY = web.AppKey("metrics_dir", str)
+REQUEST_ID_KEY = web.RequestKey("request_id", str)
+STARTED_UPSTREAM_KEY = web.RequestKey("upstream_started", float)  # perf_counter() when sent to the upstream that took it
+UPSTREAM_KEY = web.RequestKey("upstream", Upstream)
 SESSION_HEADER = "X-Session-ID"
+REQUEST_ID_HEADER = "X-Request-Id"  # kept from the client or made here; sent on to vLLM (its completion id) and back
+_VALID_REQUEST_ID = re.compile(r"[!-~]{1,128}")  # printable ASCII, no spaces: safe in logs and headers
+ENDPOINTS = ("/v1/responses", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
+access_log = log.getChild("access")  # one line per request at INFO; off unless enabled (`--access-log`)
 
 
 # One encoder for the process: json.dumps with options builds a new encoder on every call.
@@ -1659,7 +1797,8 @@ class NotReached(ApiError):
 async def _open_upstream(request: web.Request, url: str, payload: dict) -> aiohttp.ClientResponse:
     """POSTs JSON to vLLM and returns the response with its body unread, or raises a 502/504 ApiError."""
     config = request.app[CONFIG_KEY]
-    headers = {"Authorization": f"Bearer {config.api_key}", "Content-Type": "application/json"}
+    headers = {"Authorization": f"Bearer {config.api_key}", "Content-Type": "application/json",
+               REQUEST_ID_HEADER: request[REQUEST_ID_KEY]}
     # Streams also get an idle timeout; others keep the session's (passing timeout=None would disable it).
     options = {"timeout": request.app[STREAM_TIMEOUT_KEY]} if payload.get("stream") else {}
     try:
@@ -1726,10 +1865,13 @@ async def _chat_upstream(request: web.Request, session_id: str | None, chat_body
     if response.status == 200 and chat_body.get("stream"):
         return response
     status, body = await _read_upstream(request, response, upstream.chat_url)
+    _observe_upstream(request)
     if status != 200:
         failure = _upstream_failure(config, upstream.chat_url, status, body)
         if is_context_overflow(status, failure.message) and not config.propagate_context_overflow_errors:
-            log.warning("server %s: context length exceeded, answering an empty incomplete reply: %s", config.name, failure.message)
+            request.app[METRICS_KEY].context_overflows += 1
+            log.warning("server %s: request %s: context length exceeded, answering an empty incomplete reply: %s",
+                        config.name, request[REQUEST_ID_KEY], failure.message)
             return None
         raise failure
     if config.return_token_id_information and body.get("prompt_token_ids") is None and body.get("choices"):
@@ -1754,6 +1896,7 @@ async def _send_with_failover(request: web.Request, session_id: str | None, chat
             break  # nothing else to try: report what went wrong with the last one
         if attempt:
             await asyncio.sleep(min(0.05 * 2 ** attempt, 1.0))
+        request[STARTED_UPSTREAM_KEY] = time.perf_counter()
         try:
             response = await _open_upstream(request, upstream.chat_url, chat_body)
         except NotReached as exc:
@@ -1772,10 +1915,18 @@ async def _send_with_failover(request: web.Request, session_id: str | None, chat
             continue
         balancer.record(upstream, response.status not in (502, 504), f"HTTP {response.status}")
         upstream.requests += 1
+        request[UPSTREAM_KEY] = upstream
         if tried:
-            log.info("server %s: request moved from %s to %s", config.name, ", ".join(u.base_url for u in tried), upstream.base_url)
+            request.app[METRICS_KEY].failovers += 1
+            log.info("server %s: request %s moved from %s to %s", config.name, request[REQUEST_ID_KEY],
+                     ", ".join(u.base_url for u in tried), upstream.base_url)
         return upstream, response
     raise failure
+
+
+def _observe_upstream(request: web.Request) -> None:
+    """Records how long the upstream took, from sending the request to the end of its answer."""
+    request.app[METRICS_KEY].upstream_seconds[request[UPSTREAM_KEY].base_url].observe(time.perf_counter() - request[STARTED_UPSTREAM_KEY])
 
 
 def _set_session_cookie(response: web.Response, request: web.Request, new_session: str | None) -> web.Response:
@@ -1840,7 +1991,7 @@ def _sse_bytes(events: list[dict]) -> bytes:
 
 
 async def _open_sse(request: web.Request, new_session: str | None) -> web.StreamResponse:
-    response = web.StreamResponse(headers=SSE_HEADERS)
+    response = web.StreamResponse(headers={**SSE_HEADERS, REQUEST_ID_HEADER: request[REQUEST_ID_KEY]})
     _set_session_cookie(response, request, new_session)
     await response.prepare(request)
     return response
@@ -1903,6 +2054,10 @@ class _ResponsesSSE:
     def __init__(self, machine: ResponsesStream) -> None:
         self.machine = machine
 
+    @property
+    def events(self) -> int:  # every event carries the next sequence number
+        return self.machine.sequence
+
     def start(self) -> bytes:
         return _sse_bytes(self.machine.start())
 
@@ -1925,16 +2080,19 @@ class _ChatSSE:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.relay = ChatStreamRelay(config)
+        self.events = 0
 
     def start(self) -> bytes:
         return b""
 
     def convert(self, data: bytes) -> bytes:
+        self.events += 1
         if self.relay.needs(data) or data.startswith(b'{"error"'):  # vLLM reports mid-stream failures so
             data = _dumps(self.relay.rewrite(_parse_chunk(data))).encode()
         return b"data: " + data + b"\n\n"
 
     def finish(self) -> bytes:
+        self.events += 1
         return b"data: [DONE]\n\n"
 
     def fail(self, failure: ApiError) -> bytes:
@@ -1944,6 +2102,7 @@ class _ChatSSE:
         chunk = context_overflow_chat_response(self.config)
         chunk["object"] = "chat.completion.chunk"
         chunk["choices"][0]["delta"] = chunk["choices"][0].pop("message")
+        self.events += 1
         return f"data: {_dumps(chunk)}\n\n".encode() + self.finish()
 
 
@@ -1955,7 +2114,10 @@ async def _relay_stream(request: web.Request, upstream: aiohttp.ClientResponse |
     upstream request at once (vLLM aborts the generation).
     """
     config = request.app[CONFIG_KEY]
+    events = request.app[METRICS_KEY].stream_events
+    endpoint = request.path
     response = await _open_sse(request, new_session)
+    counted = 0
     try:
         await response.write(framing.start())
         if upstream is None:
@@ -1970,20 +2132,24 @@ async def _relay_stream(request: web.Request, upstream: aiohttp.ClientResponse |
                     finally:  # what was converted goes out, even when a later chunk of the batch failed
                         if converted:
                             await response.write(b"".join(converted))
+                            events[endpoint] += framing.events - counted
+                            counted = framing.events
                 tail = framing.finish()
             except ConnectionResetError:
                 raise
             except (ApiError, aiohttp.ClientError, asyncio.TimeoutError) as exc:
                 failure = _stream_failure(request, exc)
-                log.warning("server %s: stream failed: %s", config.name, failure.message)
+                log.warning("server %s: request %s: stream failed: %s", config.name, request[REQUEST_ID_KEY], failure.message)
                 tail = framing.fail(failure)
         await response.write(tail)
         await response.write_eof()
     except ConnectionResetError:
-        log.info("server %s: client disconnected mid-stream; upstream request closed", config.name)
+        log.info("server %s: request %s: client disconnected mid-stream; upstream request closed", config.name, request[REQUEST_ID_KEY])
     finally:
+        events[endpoint] += framing.events - counted
         if upstream is not None:
             upstream.close()  # a no-op after [DONE]; otherwise it aborts the generation in vLLM
+            _observe_upstream(request)
     return response
 
 
@@ -2004,16 +2170,54 @@ async def handle_health(request: web.Request) -> web.Response:
                            "sessions": len(balancer.sessions), "upstreams": upstreams})
 
 
+async def handle_metrics(request: web.Request) -> web.Response:
+    """Prometheus text exposition; with several workers, every worker's figures (label `worker`)."""
+    app = request.app
+    workers_dir = app.get(METRICS_DIR_KEY)
+    if not workers_dir:
+        text = render_families(app[METRICS_KEY].families(app[BALANCER_KEY]))
+    else:
+        snapshots = _read_worker_snapshots(workers_dir, app[CONFIG_KEY].name)
+        text = render_families(merge_families([_worker_families(app), *snapshots]))
+    return web.Response(text=text, content_type="text/plain", charset="utf-8", headers={"X-Content-Type-Options": "nosniff"})
+
+
 _HTTP_MESSAGES = {
-    404: "unknown path {path}; this server serves POST /v1/responses, POST /v1/chat/completions, GET /v1/models and GET /health",
+    404: "unknown path {path}; this server serves POST /v1/responses, POST /v1/chat/completions, GET /v1/models, "
+         "GET /health and GET /metrics",
     405: "method {method} is not allowed on {path}",
 }
 
 
 @web.middleware
 async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
-    """Turns every failure into OpenAI error JSON."""
+    """Gives the request its id, turns every failure into OpenAI error JSON, counts and times the answer."""
     config = request.app[CONFIG_KEY]
+    supplied_id = request.headers.get(REQUEST_ID_HEADER)
+    request[REQUEST_ID_KEY] = supplied_id if supplied_id and _VALID_REQUEST_ID.fullmatch(supplied_id) else os.urandom(8).hex()
+    metrics = request.app[METRICS_KEY]
+    endpoint = request.path if request.path in ENDPOINTS else "other"
+    metrics.in_flight[endpoint] += 1
+    started = time.perf_counter()
+    status = 499  # nginx's "client closed request", kept if the handler is cancelled
+    try:
+        response = await _answer(request, handler, config)
+        status = response.status
+        if not response.prepared:  # a stream has sent its headers, the id among them
+            response.headers[REQUEST_ID_HEADER] = request[REQUEST_ID_KEY]
+        return response
+    finally:
+        elapsed = time.perf_counter() - started
+        metrics.in_flight[endpoint] -= 1
+        metrics.requests[endpoint, status] += 1
+        metrics.request_seconds[endpoint].observe(elapsed)
+        if access_log.isEnabledFor(logging.INFO):
+            upstream = request.get(UPSTREAM_KEY)
+            access_log.info("server %s: %s %s %d %.1f ms request %s%s", config.name, request.method, request.path, status,
+                            elapsed * 1000, request[REQUEST_ID_KEY], f" upstream {upstream.base_url}" if upstream else "")
+
+
+async def _answer(request: web.Request, handler, config: ServerConfig) -> web.StreamResponse:
     try:
         if config.server_api_key and request.path != "/health":  # liveness probes carry no key
             supplied = request.headers.get("Authorization", "").encode()
@@ -2023,7 +2227,8 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
         response = await handler(request)
     except ApiError as exc:
         if exc.status >= 500:
-            log.warning("server %s: %s %s -> %d %s", config.name, request.method, request.path, exc.status, exc.message)
+            log.warning("server %s: request %s: %s %s -> %d %s", config.name, request[REQUEST_ID_KEY], request.method, request.path,
+                        exc.status, exc.message)
         response = _json_response(exc.body(), exc.status)
     except web.HTTPRequestEntityTooLarge:
         limit = _body_limit(config)
@@ -2038,9 +2243,62 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     except (asyncio.CancelledError, ConnectionResetError):
         raise
     except Exception as exc:  # a bug of ours: answer cleanly, log one line with the cause
-        log.error("server %s: internal error on %s %s: %r", config.name, request.method, request.path, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+        log.error("server %s: request %s: internal error on %s %s: %r", config.name, request[REQUEST_ID_KEY], request.method,
+                  request.path, exc, exc_info=log.isEnabledFor(logging.DEBUG))
         response = _json_response(ApiError(500, f"internal error in gym_vllm: {exc.__class__.__name__}").body(), 500)
     return response
+
+
+# --- metrics of several workers: each writes its figures to a shared folder every second -----------
+
+METRICS_SNAPSHOT_INTERVAL_S = 1.0
+
+
+def _metrics_file_prefix(server_name: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_]", "_", server_name) + "."
+
+
+def _worker_families(app: web.Application) -> list:
+    return app[METRICS_KEY].families(app[BALANCER_KEY], {"worker": str(os.getpid())})
+
+
+def _read_worker_snapshots(folder: str, server_name: str) -> list[list]:
+    """The other workers' latest figures for this server (a torn or vanished file is skipped: the next scrape has it)."""
+    prefix, own = _metrics_file_prefix(server_name), f"{os.getpid()}.json"
+    snapshots = []
+    for name in os.listdir(folder):
+        if name.startswith(prefix) and name.endswith(".json") and name[len(prefix):] != own:
+            try:
+                with open(os.path.join(folder, name)) as file:
+                    snapshots.append(json.load(file))
+            except (OSError, ValueError):
+                continue
+    return snapshots
+
+
+async def _write_metrics_snapshots(app: web.Application):
+    folder = app[METRICS_DIR_KEY]
+    path = os.path.join(folder, f"{_metrics_file_prefix(app[CONFIG_KEY].name)}{os.getpid()}.json")
+
+    def write() -> None:
+        with open(path + ".tmp", "w") as file:
+            json.dump(_worker_families(app), file)
+        os.replace(path + ".tmp", path)  # readers never see half a file
+
+    async def loop() -> None:
+        while True:
+            try:
+                write()
+            except OSError as exc:
+                log.warning("server %s: cannot write metrics for the other workers to %s: %s", app[CONFIG_KEY].name, path, exc)
+            await asyncio.sleep(METRICS_SNAPSHOT_INTERVAL_S)
+
+    task = asyncio.create_task(loop())
+    yield
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    with contextlib.suppress(OSError):
+        os.remove(path)
 
 
 async def _health_checks(app: web.Application):
@@ -2074,10 +2332,11 @@ def _body_limit(config: ServerConfig) -> int:
     return int(config.max_request_body_mb * 1024 * 1024)
 
 
-def build_app(config: ServerConfig, workers: int = 1) -> web.Application:
+def build_app(config: ServerConfig, workers: int = 1, metrics_dir: str | None = None) -> web.Application:
     """The aiohttp application of one model server; the upstream client lives in `cleanup_ctx`.
 
-    `workers` > 1: this is one of several processes sharing the port; session affinity is made deterministic.
+    `workers` > 1: this is one of several processes sharing the port; session affinity is made deterministic,
+    and with `metrics_dir` (a folder the workers share) `/metrics` shows every worker's figures.
     """
     app = web.Application(middlewares=[error_middleware], client_max_size=_body_limit(config))
     app[CONFIG_KEY] = config
@@ -2086,6 +2345,7 @@ def build_app(config: ServerConfig, workers: int = 1) -> web.Application:
     app[STREAM_TIMEOUT_KEY] = aiohttp.ClientTimeout(total=config.request_timeout_s, sock_connect=config.connect_timeout_s,
                                                     sock_read=config.stream_idle_timeout_s)
     app[STARTED_KEY] = time.time()
+    app[METRICS_KEY] = Metrics(config.name)
 
     async def upstream_client(app: web.Application):
         timeout = aiohttp.ClientTimeout(total=config.request_timeout_s, sock_connect=config.connect_timeout_s)
@@ -2098,10 +2358,14 @@ def build_app(config: ServerConfig, workers: int = 1) -> web.Application:
     app.cleanup_ctx.append(upstream_client)
     if config.health_check_interval_s:
         app.cleanup_ctx.append(_health_checks)
+    if metrics_dir:
+        app[METRICS_DIR_KEY] = metrics_dir
+        app.cleanup_ctx.append(_write_metrics_snapshots)
     app.router.add_post("/v1/responses", handle_responses)
     app.router.add_post("/v1/chat/completions", handle_chat_completions)
     app.router.add_get("/v1/models", handle_models)
     app.router.add_get("/health", handle_health)
+    app.router.add_get("/metrics", handle_metrics)
     return app
 
 
@@ -2111,14 +2375,14 @@ def build_app(config: ServerConfig, workers: int = 1) -> web.Application:
 
 
 async def start_server(config: ServerConfig, host: str | None = None, port: int | None = None,
-                       app: web.Application | None = None, workers: int = 1) -> web.AppRunner:
+                       app: web.Application | None = None, workers: int = 1, metrics_dir: str | None = None) -> web.AppRunner:
     """Starts one server and returns its runner (`await runner.cleanup()` stops it).
 
     `port=0` picks a free port; read it back from `runner.addresses`. `app` serves an application
     already built with `build_app(config)` (local_vllm keeps hold of its upstreams). `workers` > 1:
-    this process shares the port with the others (SO_REUSEPORT).
+    this process shares the port with the others (SO_REUSEPORT), and `metrics_dir` is their shared metrics folder.
     """
-    runner = web.AppRunner(app or build_app(config, workers), access_log=None, handle_signals=False,
+    runner = web.AppRunner(app or build_app(config, workers, metrics_dir), access_log=None, handle_signals=False,
                            shutdown_timeout=config.shutdown_timeout_s)
     await runner.setup()
     site = web.TCPSite(runner, host or config.host, config.port if port is None else port, reuse_port=workers > 1 or None)
@@ -2133,12 +2397,13 @@ async def start_server(config: ServerConfig, host: str | None = None, port: int 
     return runner
 
 
-async def serve(configs: Sequence[ServerConfig], host: str | None = None, port: int | None = None, workers: int = 1) -> None:
+async def serve(configs: Sequence[ServerConfig], host: str | None = None, port: int | None = None, workers: int = 1,
+                metrics_dir: str | None = None) -> None:
     """Serves every config until cancelled (each server on its own port)."""
     runners = []
     try:
         for config in configs:
-            runners.append(await start_server(config, host, port, workers=workers))
+            runners.append(await start_server(config, host, port, workers=workers, metrics_dir=metrics_dir))
         await asyncio.Event().wait()
     finally:
         for runner in runners:
@@ -2158,6 +2423,39 @@ def cancel_on_signals() -> None:
         loop.add_signal_handler(sig, task.cancel)
 
 
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: time (UTC), level, logger, message (and the traceback, if any)."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        entry = {"time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
+                 "level": record.levelname, "logger": record.name, "message": record.getMessage()}
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return _dumps(entry)
+
+
+LOG_FORMATS = ("text", "json")
+
+
+def configure_logging(level: str = "INFO", log_format: str = "text", access: bool = False) -> None:
+    """Logging of both CLIs: one line per event on stderr; `access` turns on one line per request."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonLogFormatter() if log_format == "json" else
+                         logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level)
+    access_log.setLevel(logging.INFO if access else logging.WARNING)
+
+
+def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--log-format", default="text", choices=LOG_FORMATS,
+                        help="text for people (default), json for log collectors: one object per line")
+    parser.add_argument("--access-log", action="store_true",
+                        help="log one line per request (status, time, request id, upstream); off by default for speed")
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m gym_vllm", description="OpenAI Responses API proxy in front of vLLM.")
     parser.add_argument("--config", action="append", required=True, metavar="FILE[,FILE]",
@@ -2168,15 +2466,19 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--workers", type=int, default=1, metavar="N",
                         help="processes sharing each port (SO_REUSEPORT), for more than one core's worth of traffic")
     parser.add_argument("--worker-of", type=int, default=0, help=argparse.SUPPRESS)  # set by the parent of --workers
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser.add_argument("--worker-metrics-dir", help=argparse.SUPPRESS)  # the workers' shared metrics folder
+    add_logging_arguments(parser)
     return parser.parse_args(argv)
 
 
 def _supervise_workers(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """The parent of `--workers N`: starts N copies of this command, restarts one that dies, stops all on a signal."""
+    import shutil
     import subprocess
+    import tempfile
 
-    command = [sys.executable, "-m", "gym_vllm", *argv, "--worker-of", str(args.workers)]
+    metrics_dir = tempfile.mkdtemp(prefix="gym_vllm-metrics-")
+    command = [sys.executable, "-m", "gym_vllm", *argv, "--worker-of", str(args.workers), "--worker-metrics-dir", metrics_dir]
     workers: list[subprocess.Popen] = [subprocess.Popen(command) for _ in range(args.workers)]
     stopping = False
 
@@ -2192,6 +2494,9 @@ def _supervise_workers(args: argparse.Namespace, argv: Sequence[str]) -> int:
         for i, worker in enumerate(workers):
             if worker.poll() is not None and not stopping:
                 log.error("worker %d exited with code %s; starting a new one", worker.pid, worker.returncode)
+                for name in os.listdir(metrics_dir):  # its figures leave with it
+                    if name.endswith(f".{worker.pid}.json"):
+                        os.remove(os.path.join(metrics_dir, name))
                 time.sleep(1)
                 workers[i] = subprocess.Popen(command)
     for worker in workers:
@@ -2201,13 +2506,14 @@ def _supervise_workers(args: argparse.Namespace, argv: Sequence[str]) -> int:
             worker.wait(timeout=60)
         except subprocess.TimeoutExpired:
             worker.kill()
+    shutil.rmtree(metrics_dir, ignore_errors=True)
     return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = _parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(args.log_level, args.log_format, args.access_log)
     try:
         configs = load_config(args.config, args.env)
         if (args.host or args.port is not None) and len(configs) > 1:
@@ -2224,7 +2530,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     async def run() -> None:
         cancel_on_signals()
         try:
-            await serve(configs, args.host, args.port, workers=args.worker_of or 1)
+            await serve(configs, args.host, args.port, workers=args.worker_of or 1, metrics_dir=args.worker_metrics_dir)
         except asyncio.CancelledError:
             log.info("shutting down")
 

@@ -45,6 +45,7 @@ import gym_vllm
 from gym_vllm import ConfigError, ServerBlock, ServerConfig
 
 log = gym_vllm.log.getChild("local")
+engine_output = log.getChild("engine")  # the engines' own log lines, prefixed with the engine's name
 
 # ============================================================================================
 # Config
@@ -426,7 +427,7 @@ class LocalVLLM:
                 file.write(line + "\n")
                 file.flush()
                 if self.echo_logs:
-                    print(prefix + line.replace(self.api_key, "***"), file=sys.stderr, flush=True)
+                    engine_output.info(prefix + line.replace(self.api_key, "***"))
 
     async def _wait_healthy(self) -> str:
         """'healthy', 'port_taken', or the failure message with the log tail."""
@@ -502,6 +503,8 @@ class LocalVLLM:
                     streak += 1
                     continue
                 self.restarts += 1
+                for upstream in self.upstreams:
+                    upstream.restarts += 1
                 break
 
     # --- stop ------------------------------------------------------------------------------------
@@ -583,6 +586,9 @@ async def run(plan: Plan, log_dir: str | Path = "local_vllm_logs") -> int:
         for server, _ in plan.servers:
             log.info("ready: curl http://%s:%d/v1/responses -H 'Content-Type: application/json' -d '{\"input\": \"Hello\"}'",
                      "127.0.0.1" if server.host in ("0.0.0.0", "") else server.host, server.port)
+            log.info("metrics: http://%s:%d/metrics (the proxy)", "127.0.0.1" if server.host in ("0.0.0.0", "") else server.host, server.port)
+        for engine in engines.values():
+            log.info("metrics: %s/metrics (vLLM engine %s)", engine.base_url.removesuffix("/v1"), engine.engine.name)
         watchers = [asyncio.create_task(engine.gave_up.wait()) for engine in engines.values()]
         if watchers:
             await asyncio.wait(watchers, return_when=asyncio.FIRST_COMPLETED)
@@ -623,9 +629,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--dry-run", action="store_true", help="print the engine commands and servers, start nothing")
     parser.add_argument("--port", type=int, help="the proxy's port (only with a single server; default: the config's `port`)")
     parser.add_argument("--log-dir", default="local_vllm_logs", help="where each engine's log file goes (default: %(default)s)")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    gym_vllm.add_logging_arguments(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    gym_vllm.configure_logging(args.log_level, args.log_format, args.access_log)
+    if args.log_format == "text":  # vLLM's lines carry their own time and level: shown as they are, after the prefix
+        engine_output.addHandler(logging.StreamHandler())
+        engine_output.propagate = False
     try:
         plan = load_plan(args.config, args.env)
         if args.port is not None:

@@ -66,6 +66,7 @@ class FakeUpstream:
         self.requests: list[dict] = []
         self.tokenize_requests: list[dict] = []
         self.auth_headers: list[str] = []
+        self.request_ids: list[str | None] = []  # X-Request-Id of each chat request
         self.refuse = False        # answer every chat request with vLLM's 503
         self.delay = 0.0           # seconds before answering
         self.active = self.max_active = 0
@@ -82,6 +83,7 @@ class FakeUpstream:
         body = await request.json()
         self.requests.append(body)
         self.auth_headers.append(request.headers.get("Authorization", ""))
+        self.request_ids.append(request.headers.get("X-Request-Id"))
         if self.refuse:
             return web.json_response({"error": {"message": "server overloaded", "type": "ServiceUnavailable", "code": 503}}, status=503)
         await asyncio.sleep(self.delay)

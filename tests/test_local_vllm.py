@@ -224,6 +224,9 @@ async def test_supervisor_restarts_a_crashed_engine_and_the_proxy_says_503_meanw
                 break
             await asyncio.sleep(0.1)
         assert status == 200 and engine.restarts == 1 and body["output"][0]["content"][0]["text"] == f"engine on {engine.port}"
+        async with aiohttp.ClientSession() as http:  # the restart shows in /metrics
+            async with http.get(base.removesuffix("/v1") + "/metrics") as answer:
+                assert f'gym_vllm_engine_restarts_total{{server="p",upstream="{upstream.base_url}"}} 1' in await answer.text()
         pgid = engine.process.pid
     with pytest.raises(ProcessLookupError):
         os.killpg(pgid, 0)

@@ -38,10 +38,15 @@ async def test_ci_run_serve_brings_up_the_demo_and_stops_cleanly(vllm_engine):
         response = await strict_client(f"http://127.0.0.1:{port}/v1").responses.create(model="tiny", input="Hello", max_output_tokens=4)
         tokens = response.output[-1].model_dump()
         assert len(tokens["generation_token_ids"]) == len(tokens["generation_log_probs"]) == response.usage.output_tokens
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as answer:  # the README's monitoring
+            metrics = answer.read().decode()
+        assert 'gym_vllm_requests_total{server="policy_model",endpoint="/v1/responses",status="200"} 1' in metrics
     finally:
         os.killpg(process.pid, signal.SIGINT)  # what Ctrl-C in a terminal does
         output, _ = process.communicate(timeout=60)
     assert "listening on" in output and "ready: curl" in output
+    [engine_metrics] = [line.split("metrics: ")[1].split()[0] for line in output.splitlines() if "(vLLM engine" in line]
+    assert engine_metrics.startswith("http://127.0.0.1:") and engine_metrics.endswith("/metrics")
     ours = [line for line in output.splitlines() if not line.startswith("[policy_model]")]  # vLLM's own lines aside
     assert not any("Traceback" in line for line in ours), ours
     with pytest.raises(ProcessLookupError):  # nothing of the demo is left running: neither the supervisor...

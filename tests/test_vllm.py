@@ -106,3 +106,12 @@ async def test_real_engine_errors_pass_through(vllm_engine, proxy):
     with pytest.raises(openai.InternalServerError) as info:
         await wrong_key.responses.create(model="tiny", input="hi", max_output_tokens=2)
     assert info.value.status_code == 502 and "api_key" in info.value.message and "not-the-key" not in info.value.message
+
+
+async def test_request_id_reaches_vllm(vllm_engine, proxy):
+    """vLLM names its request after `X-Request-Id`: the proxy's log line and vLLM's request share the id."""
+    client = strict_client(await proxy(server_config(vllm_engine)))
+    raw = await client.chat.completions.with_raw_response.create(
+        model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=2, extra_headers={"X-Request-Id": "rollout-7"})
+    assert raw.headers["x-request-id"] == "rollout-7"
+    assert raw.parse().id == "chatcmpl-rollout-7"  # vLLM's own id for the request

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
 import gym_vllm
 import tiny_engine
@@ -58,6 +59,15 @@ async def test_workers_share_the_port_and_keep_sessions_on_one_upstream(fake_ups
                            if any(r["messages"][-1]["content"] == session for r in fake.requests)} for session in sessions}
         assert all(len(home) == 1 for home in homes.values()), homes  # one upstream per session, across workers
         assert len({next(iter(home)) for home in homes.values()}) > 1  # and sessions are spread over upstreams
+        await asyncio.sleep(1.5)  # each worker writes its figures for the others every second
+        for _ in range(6):  # whichever worker answers the scrape, it shows all of them, summing to every request
+            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+                async with http.get(f"http://127.0.0.1:{port}/metrics") as answer:
+                    families = {f.name: f for f in text_string_to_metric_families(await answer.text())}
+            served = [s for s in families["gym_vllm_requests"].samples
+                      if s.name == "gym_vllm_requests_total" and s.labels["endpoint"] == "/v1/responses"]
+            assert {s.labels["worker"] for s in served} == {str(pid) for pid in children_of(parent.pid)}
+            assert sum(s.value for s in served) == len(sessions) * 4
     finally:
         parent.send_signal(signal.SIGTERM)
         _, stderr = parent.communicate(timeout=60)
