@@ -657,7 +657,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
 
     try:
-        return asyncio.run(supervise())
+        return gym_vllm.run_until_done(supervise())
     except (EngineError, ConfigError) as exc:
         print(f"local_vllm: error: {exc}", file=sys.stderr)
         return 1

@@ -1,0 +1,96 @@
+"""The optional speed-ups: msgspec for JSON decoding and uvloop, each identical in effect to the stdlib path."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+from hypothesis import given, settings, strategies as st
+
+import gym_vllm
+from conftest import REPO
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(),
+    lambda children: st.lists(children, max_size=5) | st.dictionaries(st.text(max_size=8), children, max_size=5),
+    max_leaves=30)
+
+
+def same(a, b) -> bool:
+    """Equal, and with the same types and key order (1 == 1.0 == True would hide a difference)."""
+    if isinstance(a, float) and isinstance(b, float):
+        return (math.isnan(a) and math.isnan(b)) or (a == b and math.copysign(1, a) == math.copysign(1, b))
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return list(a) == list(b) and all(same(a[k], b[k]) for k in a)
+    if isinstance(a, list):
+        return len(a) == len(b) and all(same(x, y) for x, y in zip(a, b))
+    return a == b
+
+
+def outcome(loads, raw: bytes):
+    try:
+        return "ok", loads(raw)
+    except (ValueError, UnicodeDecodeError):
+        return "error", None
+
+
+@pytest.mark.skipif(gym_vllm._loads is json.loads, reason="msgspec is not installed: nothing to compare")
+@settings(max_examples=300, deadline=None)
+@given(json_values, st.sampled_from([{}, {"ensure_ascii": False}, {"indent": 1}]))
+def test_fast_decoding_gives_what_json_gives(value, options):
+    raw = json.dumps(value, **options).encode()
+    assert same(gym_vllm._loads(raw), json.loads(raw))
+
+
+@pytest.mark.skipif(gym_vllm._loads is json.loads, reason="msgspec is not installed: nothing to compare")
+@pytest.mark.parametrize("raw", [b"NaN", b"[Infinity, -Infinity]", b"1e400", b'"\\ud800"', b"\xef\xbb\xbf{}", b'{"a":1,"a":2}',
+                                 '{"k": "ü"}'.encode("utf-16"), b"123456789012345678901234567890", b"-0.0", b"[1,]",
+                                 b'"a\nb"', b"\xff", b"", b"{} x", b" {\"a\": [1.5e-7]} \n"])
+def test_fast_decoding_agrees_with_json_on_edge_cases(raw):
+    (kind, value), (want_kind, want) = outcome(gym_vllm._loads, raw), outcome(json.loads, raw)
+    assert kind == want_kind and (kind == "error" or same(value, want))
+
+
+@given(st.binary(max_size=40))
+@settings(max_examples=300, deadline=None)
+def test_fast_decoding_accepts_and_rejects_what_json_does(raw):
+    (kind, value), (want_kind, want) = outcome(gym_vllm._loads, raw), outcome(json.loads, raw)
+    assert kind == want_kind and (kind == "error" or same(value, want))
+
+
+def run_python(code: str, **env) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO,
+                          env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), **env})
+
+
+def test_stdlib_json_can_be_chosen():
+    assert run_python("import gym_vllm, json; print(gym_vllm._loads is json.loads)", GYM_VLLM_JSON="stdlib").stdout.strip() == "True"
+
+
+def test_event_loop_choice():
+    code = ("import asyncio, gym_vllm\n"
+            "async def kind(): return type(asyncio.get_running_loop()).__module__\n"
+            "print(gym_vllm.run_until_done(kind()))")
+    assert run_python(code, GYM_VLLM_LOOP="asyncio").stdout.strip().startswith("asyncio")
+    default = run_python(code).stdout.strip()
+    try:
+        import uvloop  # noqa: F401
+        assert default.startswith("uvloop")
+    except ImportError:
+        assert default.startswith("asyncio")
+
+
+def test_unknown_event_loop_is_a_one_line_cli_error(tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text("p:\n  responses_api_models:\n    vllm_model:\n      base_url: http://127.0.0.1:1/v1\n      api_key: k\n"
+                      "      model: m\n      return_token_id_information: false\n      uses_reasoning_parser: true\n")
+    result = subprocess.run([sys.executable, "-m", "gym_vllm", "--config", str(config)], capture_output=True,
+                            text=True, timeout=60, cwd=REPO, env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), "GYM_VLLM_LOOP": "trio"})
+    assert result.returncode == 2
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("gym_vllm: error: GYM_VLLM_LOOP='trio' is not one of")
