@@ -183,17 +183,18 @@ async def test_limit_and_num_repeats(stub, tmp_path):
 async def test_concurrency_keeps_every_line_and_uses_every_upstream(fake_upstreams, proxy, tmp_path):
     upstreams = await fake_upstreams(2)
     for fake, _ in upstreams:
-        fake.delay = 0.2
-    url = await proxy(server_config([u for _, u in upstreams]))
-    source = write_jsonl(tmp_path / "in.jsonl", [{"input": f"q{i}"} for i in range(16)])
+        fake.delay = 0.1
+    # A host name, not an IP: aiohttp's default cookie jar would keep a cookie from it.
+    url = (await proxy(server_config([u for _, u in upstreams]))).replace("127.0.0.1", "localhost")
+    source = write_jsonl(tmp_path / "in.jsonl", [{"input": f"q{i}"} for i in range(32)])
     out = tmp_path / "out.jsonl"
     code, stderr = await run_collect("--url", url, "--input", source, "--output", out, "--concurrency", 8)
     assert code == 0, stderr
     rollouts = read_rollouts(out)
-    assert keys(rollouts) == [(i, 0) for i in range(16)]
+    assert keys(rollouts) == [(i, 0) for i in range(32)]
     assert all(r["responses_create_params"]["input"] == f"q{r['_ng_task_index']}" for r in rollouts)
-    # No cookie jar: a cookie would pin every request to the first upstream that answered.
-    assert [len(fake.requests) for fake, _ in upstreams] == [8, 8]
+    # No cookie jar: a kept cookie would pin the later requests to one upstream.
+    assert [len(fake.requests) for fake, _ in upstreams] == [16, 16]
     assert sum(fake.max_active for fake, _ in upstreams) >= 4
 
 
