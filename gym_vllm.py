@@ -2165,7 +2165,7 @@ async def serve(configs: Sequence[ServerConfig], host: str | None = None, port: 
 # untouched) or is itself a Responses request. An output line is the input line plus `response`,
 # `_ng_task_index` (which input line) and `_ng_rollout_index` (which repeat), written as requests finish:
 # sort by the two indices to restore input order. The pure parts (parse_input_line, rollout_record,
-# resume_state, response_from_reply, format_progress) are apart from the I/O loop (`collect`).
+# resume_state, response_from_reply, format_progress) are kept apart from the I/O loop (`collect`).
 
 TASK_INDEX_KEY = "_ng_task_index"
 ROLLOUT_INDEX_KEY = "_ng_rollout_index"
@@ -2411,6 +2411,7 @@ def _open_output(path: str, input_path: str) -> Any:
     if os.path.exists(path) and os.path.exists(input_path) and os.path.samefile(path, input_path):
         raise CollectError(f"--output {path} is the input file")
     try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
         file = open(path, "a+b")
     except OSError as exc:
         raise CollectError(f"cannot open --output {path}: {exc.strerror or exc}") from None

@@ -217,6 +217,32 @@ async def test_failed_requests_are_not_written_and_a_rerun_retries_them(stub, tm
     assert keys(read_rollouts(out)) == [(i, 0) for i in range(4)]
 
 
+async def test_a_server_that_hangs_up_stops_the_run(aiohttp_server, tmp_path):
+    from aiohttp import web
+
+    posts = []
+
+    async def hang_up(request: web.Request) -> web.Response:  # answers the check, then drops every request
+        posts.append(request.path)
+        request.transport.close()
+        await asyncio.sleep(1)
+        return web.Response()
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"data": []})
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/responses", hang_up)
+    server = await aiohttp_server(app)
+    source = write_jsonl(tmp_path / "in.jsonl", [{"input": f"q{i}"} for i in range(30)])
+    code, stderr = await run_collect("--url", f"http://127.0.0.1:{server.port}/v1", "--input", source,
+                                     "--output", tmp_path / "out.jsonl", "--concurrency", 1)
+    assert code == 1 and f"{source} line 1: connection failed" in stderr, stderr
+    assert len(posts) == 8 and "stopped early: 8 requests in a row could not reach" in stderr
+    assert "collect the 30 missing" in stderr and read_rollouts(tmp_path / "out.jsonl") == []
+
+
 async def test_resume_after_sigkill_has_every_rollout_exactly_once(stub, tmp_path):
     fake, url = stub
     fake.delay = 0.2
