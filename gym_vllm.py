@@ -4,6 +4,10 @@ Run it::
 
     python -m gym_vllm --config configs/vllm_model.yaml [--env env.yaml] [--host H] [--port P]
 
+Collect rollouts from a JSONL of requests (NeMo Gym's format; re-run to resume)::
+
+    python -m gym_vllm collect --url http://127.0.0.1:8080/v1 --input in.jsonl --output out.jsonl
+
 Use it from the official SDK::
 
     from openai import OpenAI
@@ -20,8 +24,9 @@ Embed it in your own event loop::
 
 The module reads top to bottom in data-flow order: errors, config, request conversion (Responses ->
 Chat Completions), response conversion (Chat Completions -> Responses, the ``<think>`` parser, token
-IDs), backends (round-robin with session affinity), HTTP (aiohttp handlers), embedding API, CLI.
-Every conversion is a pure function (dict in, dict out); I/O lives in the HTTP section only.
+IDs), backends (round-robin with session affinity), HTTP (aiohttp handlers), embedding API, rollout
+collection (``python -m gym_vllm collect``), CLI.
+Every conversion is a pure function (dict in, dict out); I/O lives in the HTTP and collection sections only.
 """
 
 from __future__ import annotations
@@ -43,6 +48,7 @@ import re
 import signal
 import sys
 import time
+import urllib.parse
 from typing import Any, Callable, Iterable, Sequence
 
 import aiohttp
@@ -74,6 +80,13 @@ __all__ = [
     "build_app",
     "start_server",
     "serve",
+    "collect",
+    "collect_main",
+    "CollectResult",
+    "CollectError",
+    "parse_input_line",
+    "rollout_record",
+    "resume_state",
     "main",
 ]
 
@@ -2435,6 +2448,477 @@ async def serve(configs: Sequence[ServerConfig], host: str | None = None, port: 
 
 
 # ============================================================================================
+# Rollout collection: python -m gym_vllm collect --url URL --input in.jsonl --output out.jsonl
+# ============================================================================================
+# NeMo Gym's rollout format. An input line holds `responses_create_params` (its other keys ride along
+# untouched) or is itself a Responses request. An output line is the input line plus `response`,
+# `_ng_task_index` (which input line) and `_ng_rollout_index` (which repeat), written as requests finish:
+# sort by the two indices to restore input order. The pure parts (parse_input_line, rollout_record,
+# resume_state, response_from_reply, format_progress) are kept apart from the I/O loop (`collect`).
+
+TASK_INDEX_KEY = "_ng_task_index"
+ROLLOUT_INDEX_KEY = "_ng_rollout_index"
+COLLECT_LOG_INTERVAL_S = 10.0   # progress lines when stderr is a log file, not a terminal
+COLLECT_TTY_INTERVAL_S = 0.25   # redraws of the `\r` progress line on a terminal
+
+
+class CollectError(Exception):
+    """A problem with the command line, the files or the server's address: one line on stderr, exit code 2."""
+
+
+def _json_type(value: Any) -> str:
+    names = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null"}
+    return names.get(type(value), "a number")
+
+
+def parse_input_line(line: str | bytes, model: str | None = None) -> tuple[dict, dict]:
+    """One input line -> (the request to send, the output record without its response).
+
+    Raises ValueError with a short reason when the line holds no usable request.
+    """
+    try:
+        row = json.loads(line)
+    except ValueError as exc:  # UnicodeDecodeError is one too
+        raise ValueError(f"not valid JSON ({exc})") from None
+    if not isinstance(row, dict):
+        raise ValueError(f"not a JSON object but {_json_type(row)}")
+    nested = "responses_create_params" in row
+    params = row["responses_create_params"] if nested else row
+    where = "`responses_create_params`" if nested else "the line"
+    if not isinstance(params, dict):
+        raise ValueError(f"`responses_create_params` is {_json_type(params)}, not an object")
+    if "input" not in params:
+        raise ValueError(f"{where} has no `input`: expected {{\"responses_create_params\": {{\"input\": ...}}}} "
+                         "or a Responses request")
+    if not isinstance(params["input"], (str, list)):
+        raise ValueError(f"`input` is {_json_type(params['input'])}, not a string or a list of items")
+    request = {key: value for key, value in params.items() if key != "stream"}  # we need the whole object, not events
+    if model and not request.get("model"):
+        request["model"] = model
+    # The record says what was sent; a bare request becomes NeMo Gym's shape, so every output line has one shape.
+    record = {**row, "responses_create_params": request} if nested else {"responses_create_params": request}
+    return request, record
+
+
+def rollout_record(record: dict, response: dict, index: int, repeat: int) -> dict:
+    """The output line: the input line, where it came from (input index, repeat) and the response."""
+    return {**record, TASK_INDEX_KEY: index, ROLLOUT_INDEX_KEY: repeat, "response": response}
+
+
+def _rollout_key(raw: bytes) -> tuple[int, int] | None:
+    """(index, repeat) of one output line; None for a blank line; ValueError for anything else."""
+    if not raw.strip():
+        return None
+    try:
+        record = json.loads(raw)
+    except ValueError:
+        raise ValueError("not valid JSON") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"{_json_type(record)}, not an object")
+    key = record.get(TASK_INDEX_KEY), record.get(ROLLOUT_INDEX_KEY)
+    if not all(type(part) is int for part in key):
+        raise ValueError(f"no integer `{TASK_INDEX_KEY}` and `{ROLLOUT_INDEX_KEY}`")
+    return key
+
+
+@dataclasses.dataclass
+class ResumeState:
+    done: set[tuple[int, int]]
+    keep_bytes: int           # the valid prefix of the output file; a torn last line lies beyond it
+    torn_line: bool           # a last line cut short (a kill mid-write) was found and is to be dropped
+    ends_mid_line: bool       # the last line is whole but has no newline (an edited file): add one before appending
+
+
+def resume_state(lines: Iterable[bytes]) -> ResumeState:
+    """Reads an existing output file's lines (each with its b"\\n"): which (index, repeat) pairs are done.
+
+    Only the last line may be torn, and only a line without its newline is: it is dropped. A bad line
+    anywhere else means the file is not a collect output or was damaged: ValueError, never an overwrite.
+    """
+    done: set[tuple[int, int]] = set()
+    offset, ends_mid_line = 0, False
+    for number, raw in enumerate(lines, 1):
+        try:
+            key = _rollout_key(raw)
+        except ValueError as exc:
+            if not raw.endswith(b"\n"):
+                return ResumeState(done, offset, torn_line=True, ends_mid_line=False)
+            raise ValueError(f"line {number}: {exc}") from None
+        if key is not None:
+            done.add(key)
+        offset += len(raw)
+        ends_mid_line = not raw.endswith(b"\n")
+    return ResumeState(done, offset, torn_line=False, ends_mid_line=ends_mid_line)
+
+
+def _error_message(body: Any) -> str | None:
+    """The message of an OpenAI error object, a bare string error (NeMo Gym's 500s) or FastAPI's `detail`."""
+    if isinstance(body, str):
+        return body
+    if isinstance(body, dict):
+        error = body.get("error", body.get("detail"))
+        if isinstance(error, dict) and error.get("message"):
+            return str(error["message"])
+        if isinstance(error, str):
+            return error
+    return None
+
+
+def response_from_reply(status: int, raw: bytes) -> tuple[dict | None, str | None]:
+    """The server's reply -> (Responses object, None) or (None, why it is not a rollout)."""
+    try:
+        body = json.loads(raw)
+    except ValueError:
+        body = None
+    if status == 200 and isinstance(body, dict) and isinstance(body.get("output"), list):
+        if body.get("status") == "failed":  # a Responses object can carry its own failure
+            return None, f"response status `failed`: {_error_message(body) or 'no error message'}"
+        return body, None  # `incomplete` (a length stop) is a rollout like any other
+    message = _error_message(body) or raw[:300].decode("utf-8", "replace").strip() or "empty body"
+    if status == 200:
+        return None, f"HTTP 200 but not a Responses object: {message}"
+    return None, f"HTTP {status}: {message}"
+
+
+def _format_duration(seconds: float) -> str:
+    seconds = int(seconds + 0.5)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def format_progress(done: int, total: int, failed: int, new: int, elapsed_s: float) -> str:
+    """`done/total`, failures, this run's rollouts/s and the ETA of what is left."""
+    rate = new / elapsed_s if elapsed_s > 0 else 0.0
+    left = total - done - failed
+    eta = _format_duration(left / rate) if rate > 0 else "?"
+    percent = 100 * done // total if total else 100
+    return f"{done}/{total} done ({percent}%), {failed} failed, {rate:.1f} rollouts/s, ETA {eta}"
+
+
+@dataclasses.dataclass
+class CollectResult:
+    total: int = 0             # rollouts asked for: usable input lines x num_repeats
+    already_done: int = 0      # of those, found in the output file at the start
+    written: int = 0           # written by this run
+    failed: int = 0            # requests that failed (not written; a re-run retries them)
+    bad_lines: int = 0         # input lines skipped
+    stopped: str | None = None  # why the run stopped before sending everything
+
+    @property
+    def missing(self) -> int:
+        return self.total - self.already_done - self.written
+
+    @property
+    def complete(self) -> bool:
+        return self.missing == 0 and self.bad_lines == 0
+
+
+class _Progress:
+    """Messages and the progress line on stderr: a `\\r` line on a terminal, a plain line every few seconds in a log."""
+
+    def __init__(self, stream: Any) -> None:
+        self.stream = stream
+        self.tty = stream.isatty()
+        self.interval = COLLECT_TTY_INTERVAL_S if self.tty else COLLECT_LOG_INTERVAL_S
+        self.done = self.total = self.failed = self.new = 0
+        self.started = time.monotonic()
+        self._drawn = False
+
+    def line(self) -> str:
+        return format_progress(self.done, self.total, self.failed, self.new, time.monotonic() - self.started)
+
+    def show(self) -> None:
+        if self.tty:
+            self.stream.write(f"\r\033[K{self.line()}")
+            self._drawn = True
+        else:
+            self.stream.write(f"gym_vllm collect: {self.line()}\n")
+        self.stream.flush()
+
+    def message(self, text: str) -> None:
+        if self._drawn:  # clear the progress line; the next tick redraws it below
+            self.stream.write("\r\033[K")
+            self._drawn = False
+        self.stream.write(f"gym_vllm collect: {text}\n")
+        self.stream.flush()
+
+    def finish(self) -> None:
+        if self.tty:
+            self.show()
+            self.stream.write("\n")
+            self._drawn = False
+
+    async def tick(self) -> None:
+        while True:
+            await asyncio.sleep(self.interval)
+            self.show()
+
+
+def _base_url(url: str) -> str:
+    """`--url` -> the API base (…/v1); a URL ending in /responses is taken too."""
+    base = url.rstrip("/")
+    base = base[: -len("/responses")] if base.endswith("/responses") else base
+    try:
+        parts = urllib.parse.urlsplit(base)
+        _ = parts.port  # raises on a bad port
+    except ValueError as exc:
+        raise CollectError(f"--url {url!r} is not a valid URL: {exc}") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise CollectError(f"--url {url!r} is not an http(s) URL such as http://127.0.0.1:8080/v1")
+    return base
+
+
+def _read_input(path: str, limit: int | None, progress: _Progress, result: CollectResult) -> tuple[list[tuple[int, int, bytes]], int]:
+    """(index, line number, raw line) of each usable line among the first `limit` non-blank ones, and how many ask
+    for temperature 0; bad lines are reported and counted."""
+    lines, greedy, index = [], 0, 0
+    try:
+        with open(path, "rb") as file:
+            for number, raw in enumerate(file, 1):
+                if not raw.strip():
+                    continue  # blank lines are not records: no index, not counted by --limit
+                if limit is not None and index >= limit:
+                    break
+                try:
+                    request, _ = parse_input_line(raw)
+                    lines.append((index, number, raw))  # kept raw, parsed again when sent: memory ~ the file's size
+                    greedy += request.get("temperature") == 0
+                except ValueError as exc:
+                    result.bad_lines += 1
+                    progress.message(f"{path} line {number}: {exc}; skipped")
+                index += 1
+    except OSError as exc:
+        raise CollectError(f"cannot read --input {path}: {exc.strerror or exc}") from None
+    return lines, greedy
+
+
+def _open_output(path: str, input_path: str) -> Any:
+    """The output file, open for reading and appending, locked against a second collector on it."""
+    if os.path.exists(path) and os.path.exists(input_path) and os.path.samefile(path, input_path):
+        raise CollectError(f"--output {path} is the input file")
+    try:
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+        file = open(path, "a+b")
+    except OSError as exc:
+        raise CollectError(f"cannot open --output {path}: {exc.strerror or exc}") from None
+    try:
+        import fcntl
+
+        fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except ImportError:  # no flock (Windows): no guard against two collectors on one file
+        pass
+    except OSError:
+        file.close()
+        raise CollectError(f"another collect is writing to {path}; wait for it or choose another --output") from None
+    return file
+
+
+def _resume(file: Any, path: str, progress: _Progress) -> set[tuple[int, int]]:
+    """Reads what the output file already holds; drops a torn last line."""
+    file.seek(0)
+    try:
+        state = resume_state(file)
+    except ValueError as exc:
+        raise CollectError(f"--output {path} is not a collect output ({exc}); choose another --output or repair "
+                           "the file") from None
+    if state.torn_line:
+        progress.message(f"{path}: dropped a partial last line (the previous run was killed mid-write)")
+        file.seek(state.keep_bytes)
+        file.truncate()
+    if state.ends_mid_line:
+        file.write(b"\n")
+    return state.done
+
+
+async def _post_rollout(http: aiohttp.ClientSession, url: str, request: dict) -> tuple[dict | None, str | None, bool]:
+    """(response, error, server unreachable) of one request."""
+    try:
+        async with http.post(url, json=request) as answer:
+            status, raw = answer.status, await answer.read()
+    except aiohttp.ClientConnectionError as exc:  # refused, reset, dropped: not this line's fault
+        return None, f"connection failed: {exc or exc.__class__.__name__}", True
+    except aiohttp.ClientError as exc:
+        return None, f"{exc.__class__.__name__}: {exc}", False
+    response, error = response_from_reply(status, raw)
+    return response, error, False
+
+
+async def _check_server(http: aiohttp.ClientSession, base: str, progress: _Progress) -> None:
+    """GET …/models once: an unreachable server or a refused key stops the run before it starts."""
+    try:
+        async with http.get(f"{base}/models", timeout=aiohttp.ClientTimeout(total=30)) as answer:
+            status = answer.status
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        raise CollectError(f"cannot reach {base}: {exc or exc.__class__.__name__}") from None
+    if status in (401, 403):
+        raise CollectError(f"{base} refused the API key (HTTP {status} on GET /models); pass --api-key or set OPENAI_API_KEY")
+    if status == 404:  # some Responses servers have no /models: a hint, not an error
+        progress.message(f"warning: GET {base}/models: HTTP 404; is --url the API base (ending in /v1)?")
+
+
+async def collect(url: str, input_path: str, output_path: str, *, concurrency: int = 64, limit: int | None = None,
+                  num_repeats: int = 1, api_key: str | None = None, model: str | None = None,
+                  stream: Any = None) -> CollectResult:
+    """Sends every (input line, repeat) not yet in `output_path` to `url` (…/v1) and appends each rollout.
+
+    Messages and progress go to `stream` (stderr). Raises CollectError for bad arguments, files or URL.
+    Cancelling it leaves the output valid JSONL; calling it again resumes.
+    """
+    base = _base_url(url)
+    progress = _Progress(stream or sys.stderr)
+    result = CollectResult()
+    lines, greedy = _read_input(input_path, limit, progress, result)
+    if num_repeats > 1 and greedy:
+        progress.message(f"warning: {greedy} requests have temperature 0: their {num_repeats} repeats will be alike")
+    with _open_output(output_path, input_path) as out:
+        done = _resume(out, output_path, progress)
+        jobs = [(index, repeat, number, raw) for index, number, raw in lines for repeat in range(num_repeats)
+                if (index, repeat) not in done]
+        result.total = progress.total = len(lines) * num_repeats
+        result.already_done = progress.done = result.total - len(jobs)
+        if not jobs:
+            progress.message(f"all {result.total} rollouts are already in {output_path}; nothing to send" if lines
+                             else f"no usable request in {input_path}; nothing to send")
+            return result
+        # One pooled session; no cookie jar: gym_vllm pins a cookie to one upstream, a collector wants them all.
+        # No total timeout: generations can run for minutes (the server bounds them).
+        async with aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=concurrency), cookie_jar=aiohttp.DummyCookieJar(),
+                headers={"Authorization": f"Bearer {api_key}"} if api_key else None,
+                timeout=aiohttp.ClientTimeout(total=None, sock_connect=30), json_serialize=_dumps) as http:
+            await _check_server(http, base, progress)
+            progress.message(f"{result.total} rollouts ({len(lines)} lines x {num_repeats}), {result.already_done} already "
+                             f"in {output_path}; sending {len(jobs)} to {base}, {concurrency} at a time")
+            run = _CollectRun(http, base, out, model, input_path, num_repeats, progress, result)
+            interrupted = False
+            ticker = asyncio.create_task(progress.tick())
+            try:
+                await run.send_all(jobs, concurrency)
+            except asyncio.CancelledError:
+                interrupted = True
+                raise
+            finally:
+                ticker.cancel()
+                progress.finish()
+                _summarize(result, output_path, progress, interrupted)
+    return result
+
+
+@dataclasses.dataclass
+class _CollectRun:
+    """The I/O loop of one run: workers take the next job, send it, append the rollout or report the failure."""
+
+    http: aiohttp.ClientSession
+    base: str
+    out: Any
+    model: str | None
+    input_path: str
+    num_repeats: int
+    progress: _Progress
+    result: CollectResult
+    unreachable_in_a_row: int = 0
+
+    async def send_all(self, jobs: list, concurrency: int) -> None:
+        pending = iter(jobs)  # shared: each worker takes the next job when it is free
+        workers = [asyncio.create_task(self.worker(pending, max(8, concurrency))) for _ in range(min(concurrency, len(jobs)))]
+        try:
+            await asyncio.gather(*workers)
+        finally:  # on an error or a cancel, no worker outlives the session
+            for task in workers:
+                task.cancel()
+            await asyncio.gather(*workers, return_exceptions=True)
+
+    async def worker(self, pending: Iterable, stop_after: int) -> None:
+        for index, repeat, number, raw in pending:
+            if self.result.stopped:
+                return
+            request, record = parse_input_line(raw, self.model)
+            response, error, unreachable = await _post_rollout(self.http, f"{self.base}/responses", request)
+            if response is not None:
+                self.out.write((_dumps(rollout_record(record, response, index, repeat)) + "\n").encode())
+                self.out.flush()  # a kill loses only what is in flight
+                self.result.written += 1
+                self.progress.done += 1
+                self.progress.new += 1
+                self.unreachable_in_a_row = 0
+                continue
+            self.result.failed += 1
+            self.progress.failed += 1
+            where = f"line {number}, repeat {repeat}" if self.num_repeats > 1 else f"line {number}"
+            self.progress.message(f"{self.input_path} {where}: {error}")
+            # The server is gone (not this line's fault): stop rather than fail every line left.
+            self.unreachable_in_a_row = self.unreachable_in_a_row + 1 if unreachable else 0
+            if self.unreachable_in_a_row >= stop_after and not self.result.stopped:
+                self.result.stopped = f"{self.unreachable_in_a_row} requests in a row could not reach {self.base}"
+
+
+def _summarize(result: CollectResult, output_path: str, progress: _Progress, interrupted: bool) -> None:
+    elapsed = time.monotonic() - progress.started
+    rate = f"{result.written / elapsed:.1f}" if elapsed > 0 else "0"
+    held = result.already_done + result.written
+    progress.message(f"{'interrupted: ' if interrupted else ''}{result.written} rollouts written in {_format_duration(elapsed)} "
+                     f"({rate}/s); {output_path} holds {held} of {result.total}")
+    problems = [f"{result.failed} failed"] if result.failed else []
+    problems += [f"{result.bad_lines} bad input line{'s' if result.bad_lines != 1 else ''} skipped"] if result.bad_lines else []
+    if result.stopped:
+        problems.append(f"stopped early: {result.stopped}")
+    if result.missing:
+        problems.append(f"run the same command again to collect the {result.missing} missing")
+    if problems:
+        progress.message("; ".join(problems))
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def collect_main(argv: Sequence[str]) -> int:
+    """`python -m gym_vllm collect ...`: 0 when every rollout is in the output, 1 when some are missing, 2 on bad usage."""
+    parser = argparse.ArgumentParser(
+        prog="python -m gym_vllm collect",
+        description="Send each request of a JSONL file to a /v1/responses server and append each rollout to an output "
+                    "JSONL; re-run the same command to resume.")
+    parser.add_argument("--url", required=True, help="base URL of the server, e.g. http://127.0.0.1:8080/v1")
+    parser.add_argument("--input", required=True, metavar="FILE",
+                        help="JSONL: lines with `responses_create_params` (NeMo Gym), or bare Responses requests")
+    parser.add_argument("--output", required=True, metavar="FILE", help="JSONL the rollouts are appended to (resumed if present)")
+    parser.add_argument("--concurrency", type=_positive_int, default=64, metavar="N", help="requests in flight (default 64)")
+    parser.add_argument("--limit", type=_positive_int, metavar="N", help="only the first N input lines")
+    parser.add_argument("--num-repeats", type=_positive_int, default=1, metavar="N",
+                        help="rollouts per input line, e.g. a GRPO group (default 1)")
+    parser.add_argument("--api-key", default=os.environ.get("OPENAI_API_KEY"), metavar="KEY",
+                        help="sent as a Bearer token (default: $OPENAI_API_KEY if set)")
+    parser.add_argument("--model", help="`model` for requests that have none")
+    args = parser.parse_args(argv)
+
+    async def run() -> CollectResult:
+        cancel_on_signals()  # Ctrl-C / SIGTERM cancel the run; the output stays whole lines
+        return await collect(args.url, args.input, args.output, concurrency=args.concurrency, limit=args.limit,
+                             num_repeats=args.num_repeats, api_key=args.api_key, model=args.model)
+
+    try:
+        result = asyncio.run(run())
+    except CollectError as exc:
+        print(f"gym_vllm collect: error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # writing the output failed (disk full, ...)
+        print(f"gym_vllm collect: error: {args.output}: {exc.strerror or exc}", file=sys.stderr)
+        return 2
+    except (asyncio.CancelledError, KeyboardInterrupt):
+        return 130
+    return 0 if result.complete else 1
+
+
+# ============================================================================================
 # CLI: python -m gym_vllm --config a.yaml[,b.yaml] [--env env.yaml] [--host H] [--port P]
 # ============================================================================================
 
@@ -2558,6 +3042,8 @@ def _supervise_workers(args: argparse.Namespace, argv: Sequence[str]) -> int:
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] == "collect":
+        return collect_main(argv[1:])
     args = _parse_args(argv)
     configure_logging(args.log_level, args.log_format, args.access_log)
     try:
