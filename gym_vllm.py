@@ -2567,7 +2567,7 @@ def _error_message(body: Any) -> str | None:
 def response_from_reply(status: int, raw: bytes) -> tuple[dict | None, str | None]:
     """The server's reply -> (Responses object, None) or (None, why it is not a rollout)."""
     try:
-        body = json.loads(raw)
+        body = _loads(raw)
     except ValueError:
         body = None
     if status == 200 and isinstance(body, dict) and isinstance(body.get("output"), list):
@@ -2906,7 +2906,7 @@ def collect_main(argv: Sequence[str]) -> int:
                              num_repeats=args.num_repeats, api_key=args.api_key, model=args.model)
 
     try:
-        result = asyncio.run(run())
+        result = run_until_done(run())
     except CollectError as exc:
         print(f"gym_vllm collect: error: {exc}", file=sys.stderr)
         return 2

@@ -79,7 +79,8 @@ from typing import Any, Callable
 import aiohttp
 
 from harness import (JSON_HEADERS, Child, StartError, closed_loop, fmt, foreign_load, free_port, gym_child, interrupt, open_fds,
-                     passthrough_child, percentile, progress, raise_nofile, start_all, stop_all, upstream_child)
+                     passthrough_child, percentile, progress, raise_nofile, speedups, start_all, stop_all,
+                     upstream_child)
 
 TOOLS = [
     {"type": "function", "name": "get_weather", "description": "Current weather for a city.",
@@ -536,11 +537,11 @@ def main(argv: list[str] | None = None) -> int:
 
     setup = {"tokens": args.tokens, "think_tokens": args.think_tokens, "tool_calls": args.tool_calls, "ids_tokens": args.ids_tokens,
              "seconds": args.seconds, "warmup": args.warmup, "levels": args.levels, "compare_url": args.compare_url,
-             "cpus": os.cpu_count(), "python": platform.python_version(), "aiohttp": aiohttp.__version__,
+             "cpus": os.cpu_count(), "python": platform.python_version(), "aiohttp": aiohttp.__version__, "speedups": speedups(),
              "profiled": bool(args.profile_gym or args.profile_gym_ids or args.profile_passthrough), "busy_cores_before_start": round(background, 3)}
     print(f"\n## Non-streaming benchmark: {args.tokens}-token answers with a {args.think_tokens}-token <think> block "
           f"({args.ids_tokens} with token ids), {args.seconds:g} s per cell after {args.warmup:g} s warm-up, "
-          f"{os.cpu_count()} CPUs, Python {setup['python']}, aiohttp {setup['aiohttp']}, "
+          f"{os.cpu_count()} CPUs, Python {setup['python']}, aiohttp {setup['aiohttp']}, {setup['speedups']}, "
           f"{background:.2f} cores busy before start\n")
     print(markdown_table(results))
     print("\nadded p50: this cell's p50 minus the direct cell's of the same shape at the same C. proxy CPU: utime+stime of "

@@ -44,7 +44,7 @@ from typing import Callable
 import aiohttp
 
 from harness import (JSON_HEADERS, Child, StartError, closed_loop, foreign_load, free_port, gym_child, passthrough_child,
-                     percentile, print_profile, progress, start_all, stop_all, upstream_child)
+                     percentile, print_profile, progress, speedups, start_all, stop_all, upstream_child)
 from harness import fmt as _fmt
 from harness import interrupt as _interrupt
 
@@ -323,10 +323,10 @@ def main(argv: list[str] | None = None) -> int:
 
     setup = {"tokens": args.tokens, "seconds": args.seconds, "warmup": args.warmup, "think_tokens": args.think_tokens,
              "token_delay_ms": args.token_delay_ms, "cpus": os.cpu_count(), "python": platform.python_version(),
-             "aiohttp": aiohttp.__version__, "profiled": bool(args.profile_gym),
+             "aiohttp": aiohttp.__version__, "speedups": speedups(), "profiled": bool(args.profile_gym),
              "busy_cores_before_start": round(background, 3)}
     print(f"\n## Streaming benchmark: {args.tokens} tokens/reply, {args.seconds:g} s per cell after {args.warmup:g} s warm-up, "
-          f"{os.cpu_count()} CPUs, Python {setup['python']}, aiohttp {setup['aiohttp']}, "
+          f"{os.cpu_count()} CPUs, Python {setup['python']}, aiohttp {setup['aiohttp']}, {setup['speedups']}, "
           f"{background:.2f} cores busy before start\n")
     print(markdown_table(results))
     print("\nproxy CPU: utime+stime of the proxy process over the window; µs/event: per SSE event received by the client; "

@@ -33,6 +33,8 @@ from pathlib import Path
 from typing import Any, Awaitable, Callable, Generic, Sequence, TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+import gym_vllm  # noqa: E402  (the speed-up choices it makes from GYM_VLLM_LOOP / GYM_VLLM_JSON)
 BENCH = ROOT / "bench"
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 JSON_HEADERS = {"Content-Type": "application/json", "Authorization": "Bearer bench"}
@@ -86,6 +88,12 @@ def raise_nofile(wanted: int) -> int:
         resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
         soft = target
     return soft
+
+
+def speedups() -> str:
+    """The event loop and JSON decoder gym_vllm and the pass-through run with here (GYM_VLLM_LOOP, GYM_VLLM_JSON)."""
+    loop = "uvloop" if gym_vllm.event_loop_factory() else "asyncio"
+    return f"{loop} loop, {'json' if gym_vllm._loads is gym_vllm.json.loads else 'msgspec'} decoding"
 
 
 def machine_cpu() -> tuple[float, float]:

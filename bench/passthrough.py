@@ -12,9 +12,14 @@ streamed as they arrive (`iter_any()` -> `write()`). One shared ClientSession, n
 from __future__ import annotations
 
 import argparse
+import sys
+from pathlib import Path
 
 import aiohttp
 from aiohttp import web
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+import gym_vllm  # noqa: E402  (only for its event-loop choice: the floor runs on the loop gym_vllm runs on)
 
 CLIENT_KEY = web.AppKey("client", aiohttp.ClientSession)
 FORWARDED_HEADERS = ("Content-Type", "Authorization")
@@ -54,7 +59,9 @@ def main() -> None:
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--upstream", required=True, help="e.g. http://127.0.0.1:8000 (paths are appended as they come)")
     args = parser.parse_args()
-    web.run_app(build_app(args.upstream), host=args.host, port=args.port, access_log=None, print=None, backlog=4096)
+    loop_factory = gym_vllm.event_loop_factory()
+    web.run_app(build_app(args.upstream), host=args.host, port=args.port, access_log=None, print=None, backlog=4096,
+                loop=loop_factory() if loop_factory else None)
 
 
 if __name__ == "__main__":
