@@ -1198,6 +1198,7 @@ class ResponsesStream:
         self.token_ids: list[int] = []
         self.logprobs: list[dict] = []
         self.saw_token_ids = False
+        self.collects_tokens = bool(config.return_token_id_information or request.get("top_logprobs"))
 
     # --- events -------------------------------------------------------------------------------
 
@@ -1218,41 +1219,47 @@ class ResponsesStream:
     # --- upstream chunks ----------------------------------------------------------------------
 
     def feed(self, chunk: Any) -> list[dict]:
-        if not isinstance(chunk, dict):
+        # Called once per token: the common chunk (one choice, a content delta) takes the fewest steps.
+        if type(chunk) is not dict:
             raise _malformed("chunk", "a JSON object")
         events: list[dict] = []
-        if isinstance(chunk.get("created"), (int, float)) and not self.output:
+        if not self.output and isinstance(chunk.get("created"), (int, float)):
             self.created = chunk["created"]
-        if isinstance(chunk.get("usage"), dict):
-            self.usage = chunk["usage"]
+        usage = chunk.get("usage")
+        if isinstance(usage, dict):
+            self.usage = usage
         if chunk.get("prompt_token_ids") is not None:
             self.prompt_token_ids = chunk["prompt_token_ids"]
-        choices = chunk.get("choices") or []
-        if not isinstance(choices, list) or not all(isinstance(c, dict) for c in choices):
+        choices = chunk.get("choices")
+        if not choices:
+            return events
+        if type(choices) is not list or type(choices[0]) is not dict or (len(choices) > 1 and not all(type(c) is dict for c in choices)):
             raise _malformed("choices", "a list of objects")
-        for choice in choices[:1]:
-            delta = choice.get("delta") or {}
-            if not isinstance(delta, dict):
-                raise _malformed("choices[0].delta", "an object")
+        choice = choices[0]
+        delta = choice.get("delta") or {}
+        if type(delta) is not dict:
+            raise _malformed("choices[0].delta", "an object")
+        if self.collects_tokens:
             self._collect_tokens(choice)
+        if "reasoning_content" in delta or "reasoning" in delta:
             reasoning = delta.get("reasoning_content") or delta.get("reasoning")
             if reasoning:
                 _reasoning_from_upstream(delta, self.config)  # raises the parser-mismatch error if the parser is off
                 self._upstream_reasoning(events, reasoning)
-            content = delta.get("content")
-            if content:
-                if not isinstance(content, str):
-                    raise _malformed("choices[0].delta.content", "a string")
-                self._text(events, content)
-            for call in delta.get("tool_calls") or []:
+        content = delta.get("content")
+        if content:
+            if type(content) is not str:
+                raise _malformed("choices[0].delta.content", "a string")
+            self._text(events, content)
+        tool_calls = delta.get("tool_calls")
+        if tool_calls:
+            for call in tool_calls:
                 self._tool_call(events, call)
-            if choice.get("finish_reason"):
-                self.finish_reason = choice["finish_reason"]
+        if choice.get("finish_reason"):
+            self.finish_reason = choice["finish_reason"]
         return events
 
     def _collect_tokens(self, choice: dict) -> None:
-        if not self.config.return_token_id_information and not self.request.get("top_logprobs"):
-            return
         if isinstance(choice.get("token_ids"), list):
             self.saw_token_ids = True
             self.token_ids.extend(choice["token_ids"])
@@ -1761,6 +1768,7 @@ access_log = log.getChild("access")  # one line per request at INFO; off unless 
 
 # One encoder for the process: json.dumps with options builds a new encoder on every call.
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_json_string = json.encoder.encode_basestring  # what _dumps does with a str, minus two calls
 
 
 def _fast_json_decoder() -> Callable[[bytes], Any] | None:
@@ -2019,7 +2027,7 @@ def _sse_event(event: dict) -> str:
         # at a tenth of the cost (ids are our own hex strings; the delta goes through the encoder).
         return ('event: response.output_text.delta\ndata: {"type":"response.output_text.delta","sequence_number":'
                 f'{event["sequence_number"]},"item_id":"{event["item_id"]}","output_index":{event["output_index"]},'
-                f'"content_index":{event["content_index"]},"delta":{_dumps(event["delta"])},"logprobs":[]}}\n\n')
+                f'"content_index":{event["content_index"]},"delta":{_json_string(event["delta"])},"logprobs":[]}}\n\n')
     return f"event: {event['type']}\ndata: {_dumps(event)}\n\n"
 
 
