@@ -1,5 +1,6 @@
 """Config loading, interpolation and the CLI's one-line errors."""
 
+import re
 import subprocess
 import sys
 import textwrap
@@ -121,7 +122,36 @@ def test_config_errors_name_file_and_key(tmp_path, body, fragment):
     path = server(tmp_path, body)
     with pytest.raises(ConfigError) as info:
         gym_vllm.load_config([path])
-    assert fragment in str(info.value) and str(info.value).startswith(path)
+    assert fragment in str(info.value) and re.match(rf"{re.escape(path)}:\d+: policy_model\.", str(info.value)), str(info.value)
+
+
+def test_config_errors_point_at_the_line_of_the_key(tmp_path):
+    def error(*paths):
+        with pytest.raises(ConfigError) as info:
+            gym_vllm.load_config(list(paths))
+        return str(info.value)
+
+    path = server(tmp_path, REQUIRED + "      modle: x\n")  # line 9: after the server, its kind and five keys
+    assert error(path) == f"{path}:9: policy_model.responses_api_models.vllm_model.modle: unknown key (did you mean `model`?)"
+    path = server(tmp_path, REQUIRED.replace("      api_key: k\n", ""))  # a missing key: the line of its block
+    assert error(path).startswith(f"{path}:3: policy_model.responses_api_models.vllm_model.api_key: required key is missing")
+    path = server(tmp_path, REQUIRED.replace("http://127.0.0.1:8000/v1", "[http://a/v1, b]"))
+    assert error(path).startswith(f"{path}:4: policy_model.responses_api_models.vllm_model.base_url: base_url 'b' must start")
+    path = server(tmp_path, REQUIRED + "      extra_body:\n        seed: 1\n        stop: [a, '${nope}']\n")
+    assert error(path).startswith(f"{path}:11: policy_model.responses_api_models.vllm_model.extra_body.stop[1]: variable ${{nope}}")
+    first = server(tmp_path)  # a key from a later file is reported at its line in that file
+    second = write(tmp_path, "# override\npolicy_model:\n  responses_api_models:\n    vllm_model:\n      port: -1\n", "b.yaml")
+    assert error(first, second).startswith(f"{second}:5: policy_model.responses_api_models.vllm_model.port: must be between")
+    assert error(write(tmp_path, "policy_model:\n  responses_api_models:\n    vllm_modle: {}\n")).startswith(
+        f"{tmp_path}/config.yaml:3: policy_model.responses_api_models.vllm_modle: unknown server type (did you mean `vllm_model`?)")
+    assert error(write(tmp_path, "a: 1\nb: [unclosed\n")).startswith(f"{tmp_path}/config.yaml:3: invalid YAML")
+
+
+def test_config_errors_from_python_name_the_source_without_a_line():
+    with pytest.raises(ConfigError) as info:
+        gym_vllm.server_config_from_dict("p", {"base_url": "http://a/v1", "api_key": "k", "model": "m",
+                                               "return_token_id_information": False, "uses_reasoning_parser": True, "prot": 1})
+    assert str(info.value) == "<python>: p.responses_api_models.vllm_model.prot: unknown key (did you mean `port`?)"
 
 
 @pytest.mark.parametrize("text, fragment", [

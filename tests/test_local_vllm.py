@@ -89,6 +89,17 @@ def test_engine_config_errors(values, fragment):
     assert fragment in str(info.value) and str(info.value).startswith("test.yaml: policy_model.responses_api_models.local_vllm_model")
 
 
+def test_engine_config_errors_point_at_the_line(tmp_path):
+    path = tmp_path / "local.yaml"
+    path.write_text("policy_model:\n  responses_api_models:\n    local_vllm_model:\n      model: m\n"
+                    "      return_token_id_information: false\n      uses_reasoning_parser: true\n"
+                    "      vllm_serve_kwargs: {data_parallel_size: 1, tensor_parallel_size: 1, pipeline_parallel_size: 1,\n"
+                    "                          port: 1}\n      vllm_serve_env_vars: {VLLM_RAY_DP_PACK_STRATEGY: strict}\n")
+    with pytest.raises(ConfigError) as info:
+        local_vllm.load_plan([str(path)])
+    assert str(info.value) == f"{path}:8: policy_model.responses_api_models.local_vllm_model.vllm_serve_kwargs.port: set by local_vllm; remove it"
+
+
 def test_local_engine_references():
     plan = local_vllm.plan_from_blocks([
         block(local_values(port=8080)),
