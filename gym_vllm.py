@@ -34,12 +34,15 @@ import difflib
 import functools
 import hashlib
 import hmac
+import importlib.metadata
 import json
 import logging
 import os
 import re
+import shutil
 import signal
 import sys
+import textwrap
 import time
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -80,6 +83,16 @@ __all__ = [
 ]
 
 log = logging.getLogger("gym_vllm")
+
+
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("gym-vllm")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never pip-installed
+        return "0+unknown"
+
+
+__version__ = _package_version()
 
 TOKEN_FIELDS = ("prompt_token_ids", "generation_token_ids", "generation_log_probs")
 
@@ -2284,17 +2297,60 @@ def cancel_on_signals() -> None:
         loop.add_signal_handler(sig, task.cancel)
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's own layout, except that text already laid out in lines (the key tables) is kept as it is."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line if line.strip() else line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+def new_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """A parser laid out like `vllm serve --help`: titled groups, `--version` (local_vllm uses it too)."""
+    parser = argparse.ArgumentParser(prog=f"python -m {prog}", description=description, formatter_class=_HelpFormatter)
+    parser.add_argument("--version", action="version", version=f"{prog} {__version__}")
+    return parser
+
+
+def add_config_key_group(parser: argparse.ArgumentParser, title: str, description: str,
+                         rows: Iterable[tuple[str, str, str, str]]) -> None:
+    """A help group listing config keys the way argparse lists options: `key: type`, then its meaning and default."""
+    width = max(shutil.get_terminal_size().columns - 4, 40)  # argparse's width, less the group's indent
+    lines = [*textwrap.wrap(description, width), ""]
+    for name, type_text, default, meaning in rows:
+        lines.append(f"{name}: {type_text}")
+        lines += textwrap.wrap(f"{meaning} ({'required' if default == 'required' else f'default: {default}'})", width,
+                               initial_indent=" " * 22, subsequent_indent=" " * 22, break_on_hyphens=False)
+    parser.add_argument_group(title, "\n".join(lines))
+
+
+_INTERPOLATION_HELP = ("`${name}` comes from --env or top-level scalars of the config files, `${oc.env:VAR[,default]}` "
+                       "from the environment.")
+
+
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m gym_vllm", description="OpenAI Responses API proxy in front of vLLM.")
-    parser.add_argument("--config", action="append", required=True, metavar="FILE[,FILE]",
-                        help="config file(s) in NeMo Gym's shape; repeat or separate with commas")
-    parser.add_argument("--env", metavar="FILE", help="variables for ${name} (default: ./env.yaml if present)")
-    parser.add_argument("--host", help="listen host (only with a single server; default: the config's host, 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="listen port (only with a single server; default: the config's port, 8080)")
-    parser.add_argument("--workers", type=int, default=1, metavar="N",
-                        help="processes sharing each port (SO_REUSEPORT), for more than one core's worth of traffic")
-    parser.add_argument("--worker-of", type=int, default=0, help=argparse.SUPPRESS)  # set by the parent of --workers
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
+    parser = new_parser("gym_vllm", "The OpenAI Responses API in front of vLLM: one server per `vllm_model` block of the "
+                                    "config files, each on its own port.")
+    files = parser.add_argument_group("Config", "NeMo Gym's shape: `<server>: {responses_api_models: {vllm_model: {...}}}`, "
+                                                "keys below; later files win key by key.")
+    files.add_argument("--config", action="append", required=True, metavar="FILE[,FILE]",
+                       help="config file(s); repeat or separate with commas")
+    files.add_argument("--env", metavar="FILE", help="variables for ${name} (default: ./env.yaml if present)")
+    server = parser.add_argument_group("Server", "Overrides for a config with a single server.")
+    server.add_argument("--host", help="listen host (default: the config's `host`, 127.0.0.1)")
+    server.add_argument("--port", type=int, help="listen port (default: the config's `port`, 8080)")
+    processes = parser.add_argument_group("Processes")
+    processes.add_argument("--workers", type=int, default=1, metavar="N",
+                           help="processes sharing each port (SO_REUSEPORT), for more than one core's worth of traffic "
+                                "(default: %(default)s)")
+    processes.add_argument("--worker-of", type=int, default=0, help=argparse.SUPPRESS)  # set by the parent of --workers
+    logs = parser.add_argument_group("Logging")
+    logs.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                      help="the proxy's log level (default: %(default)s)")
+    add_config_key_group(parser, "vllm_model keys", f"The keys of a `vllm_model` block. {_INTERPOLATION_HELP} "
+                         f"Also accepted, and ignored: {', '.join(_IGNORED_KEYS)} (NeMo Gym's launcher key).",
+                         config_key_rows(SERVER_KEYS.values(), ServerConfig))
     return parser.parse_args(argv)
 
 

@@ -111,7 +111,7 @@ ENGINE_KEYS: dict[str, gym_vllm.ConfigKey] = {key.name: key for key in (
     gym_vllm.ConfigKey("use_ray", (bool,), "true or false",
                        "inject `distributed_executor_backend: ray` and `data_parallel_backend: ray` (and "
                        "`data_parallel_size_local: 1` with `strict`); `false`: vLLM's default executor, needed on "
-                       "CPU-only machines, where vLLM refuses Ray"),
+                       "CPU-only machines, where vLLM refuses Ray; `--dry-run` shows which"),
     gym_vllm.ConfigKey("engine_host", (str,), "a host to bind the engine to",
                        "the engine's bind host (`127.0.0.1` for single-node use)"),
     gym_vllm.ConfigKey("startup_timeout_s", (int, float), "a number of seconds",
@@ -631,22 +631,44 @@ def dry_run(plan: Plan) -> str:
     return "\n".join(lines)
 
 
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = gym_vllm.new_parser("local_vllm", "Start vLLM (`vllm serve`) under a supervisor and the Responses API proxy "
+                                               "in front of it, for each `local_vllm_model` block of the config files.")
+    files = parser.add_argument_group("Config", "NeMo Gym's shape: `<server>: {responses_api_models: {local_vllm_model: "
+                                                "{...}}}`, keys below; `vllm_model` servers may share an engine with "
+                                                "`base_url: local:<server>`; an evaluator `deployment:` block also works.")
+    files.add_argument("--config", action="append", required=True, metavar="FILE[,FILE]",
+                       help="config file(s); repeat or separate with commas")
+    files.add_argument("--env", metavar="FILE", help="variables for ${name} (default: ./env.yaml if present)")
+    files.add_argument("--dry-run", action="store_true", help="print each engine's command and each server, start nothing")
+    server = parser.add_argument_group("Server", "Overrides for a config with a single server.")
+    server.add_argument("--host", help="the proxy's listen host, 0.0.0.0 in a container (default: the config's `host`, "
+                                       "127.0.0.1)")
+    server.add_argument("--port", type=int, help="the proxy's listen port (default: the config's `port`, 8080)")
+    logs = parser.add_argument_group("Logging")
+    logs.add_argument("--log-dir", default="local_vllm_logs", help="where each engine's log file goes (default: %(default)s)")
+    logs.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                      help="the supervisor's and the proxy's log level (default: %(default)s)")
+    gym_vllm.add_config_key_group(parser, "local_vllm_model keys", "The engine keys of a `local_vllm_model` block.",
+                                  gym_vllm.config_key_rows(ENGINE_KEYS.values(), EngineConfig))
+    proxy_keys = [key for name, key in gym_vllm.SERVER_KEYS.items() if name not in (*ENGINE_KEYS, *_FILLED_IN_KEYS)]
+    gym_vllm.add_config_key_group(parser, "vllm_model keys", "A `local_vllm_model` block also takes these keys of its "
+                                  "proxy (`base_url` and `api_key` are filled in; `model` is the engine's). "
+                                  + gym_vllm._INTERPOLATION_HELP, gym_vllm.config_key_rows(proxy_keys, ServerConfig))
+    return parser.parse_args(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m local_vllm", description="Start vLLM and the Responses API proxy in front of it.")
-    parser.add_argument("--config", action="append", required=True, metavar="FILE[,FILE]", help="config file(s); repeat or separate with commas")
-    parser.add_argument("--env", metavar="FILE", help="variables for ${name} (default: ./env.yaml if present)")
-    parser.add_argument("--dry-run", action="store_true", help="print the engine commands and servers, start nothing")
-    parser.add_argument("--port", type=int, help="the proxy's port (only with a single server; default: the config's `port`)")
-    parser.add_argument("--log-dir", default="local_vllm_logs", help="where each engine's log file goes (default: %(default)s)")
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    args = parser.parse_args(argv)
+    args = _parse_args(argv)
     logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         plan = load_plan(args.config, args.env)
-        if args.port is not None:
+        overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+        if overrides:
             if len(plan.servers) != 1:
-                raise ConfigError(f"--port applies to a single server, but the config defines {len(plan.servers)}; set `port` per server")
-            plan.servers = [(dataclasses.replace(plan.servers[0][0], port=args.port), plan.servers[0][1])]
+                raise ConfigError(f"--host/--port apply to a single server, but the config defines {len(plan.servers)}; "
+                                  f"set `host`/`port` per server")
+            plan.servers = [(dataclasses.replace(plan.servers[0][0], **overrides), plan.servers[0][1])]
     except ConfigError as exc:
         print(f"local_vllm: error: {exc}", file=sys.stderr)
         return 2

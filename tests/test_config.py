@@ -1,5 +1,6 @@
 """Config loading, interpolation and the CLI's one-line errors."""
 
+import importlib.metadata
 import re
 import subprocess
 import sys
@@ -9,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import gym_vllm
+import local_vllm
 from gym_vllm import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -241,3 +243,37 @@ def test_cli_serves_and_stops_on_sigterm(tmp_path):
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=30)
     assert process.returncode == 0 and "listening on" in stderr and "Traceback" not in stderr
+
+
+# --- the key tables: one source (SERVER_KEYS, local_vllm.ENGINE_KEYS) for --help and README.md -------
+
+
+def markdown_rows(rows):
+    return [f"| `{key}` | {type_text} | {default if default == 'required' else f'`{default}`'} | {meaning} |"
+            for key, type_text, default, meaning in rows]
+
+
+@pytest.mark.parametrize("section, rows", [
+    ("## Configuration", gym_vllm.config_key_rows(gym_vllm.SERVER_KEYS.values(), gym_vllm.ServerConfig)),
+    ("## Run vLLM and the proxy together", gym_vllm.config_key_rows(local_vllm.ENGINE_KEYS.values(), local_vllm.EngineConfig)),
+], ids=["vllm_model", "local_vllm_model"])
+def test_readme_key_tables_match_the_code(section, rows):
+    text = (REPO / "README.md").read_text().split(section, 1)[1].split("\n## ", 1)[0]
+    table = [line for line in text.splitlines() if line.startswith("| `")]
+    cells = [[cell.strip() for cell in line.strip("| ").split(" | ", 3)] for line in table]
+    expected = [[cell.strip() for cell in line.strip("| ").split(" | ", 3)] for line in markdown_rows(rows)]
+    paste = "\n".join(["| key | type | default | meaning |", "|---|---|---|---|", *markdown_rows(rows)])
+    assert [c[:3] for c in cells] == [e[:3] for e in expected], f"README.md {section}: keys, types or defaults differ; use:\n{paste}"
+    assert cells == expected, f"README.md {section}: meanings differ; use:\n{paste}"
+
+
+def test_cli_help_documents_every_key_and_version():
+    help_text = run_cli("--help").stdout
+    for group in ("Config:", "Server:", "Processes:", "Logging:", "vllm_model keys:"):
+        assert f"\n{group}\n" in help_text
+    for key, type_text, default, _ in gym_vllm.config_key_rows(gym_vllm.SERVER_KEYS.values(), gym_vllm.ServerConfig):
+        assert f"\n  {key}: {type_text}\n" in help_text
+    assert "(default: 100000)" in help_text and "(required)" in help_text
+    version = run_cli("--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"gym_vllm {gym_vllm.__version__}"
+    assert gym_vllm.__version__ == importlib.metadata.version("gym-vllm")

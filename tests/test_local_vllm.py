@@ -152,6 +152,30 @@ def test_port_pool_never_hands_out_a_port_twice():
             narrow.allocate()
 
 
+def test_cli_help_documents_every_key_and_version():
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "local_vllm", *args], capture_output=True, text=True, timeout=60, cwd=REPO)
+
+    help_text = run("--help").stdout
+    for group in ("Config:", "Server:", "Logging:", "local_vllm_model keys:", "vllm_model keys:"):
+        assert f"\n{group}\n" in help_text
+    proxy_keys = [k for name, k in gym_vllm.SERVER_KEYS.items() if name not in ("base_url", "api_key", "model")]
+    for key, type_text, _, _ in [*gym_vllm.config_key_rows(local_vllm.ENGINE_KEYS.values(), EngineConfig),
+                                 *gym_vllm.config_key_rows(proxy_keys, gym_vllm.ServerConfig)]:
+        assert f"\n  {key}: {type_text}\n" in help_text
+    assert "\n  base_url:" not in help_text  # filled in by local_vllm
+    assert run("--version").stdout.strip() == f"local_vllm {gym_vllm.__version__}"
+
+
+def test_cli_host_and_port_override_a_single_server(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "local_vllm", "--config", str(REPO / "configs" / "local" / "tiny-cpu.yaml"),
+                             "--dry-run", "--host", "0.0.0.0", "--port", "9000"], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert result.returncode == 0 and "server policy_model: http://0.0.0.0:9000/v1" in result.stdout, result.stderr
+    result = subprocess.run([sys.executable, "-m", "local_vllm", "--config", str(REPO / "configs" / "local" / "two-instances-tp4.yaml"),
+                             "--dry-run", "--host", "0.0.0.0"], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert result.returncode == 2 and "--host/--port apply to a single server" in result.stderr
+
+
 @pytest.mark.parametrize("config", SHIPPED, ids=lambda p: p.name)
 def test_dry_run_on_every_shipped_config(config):
     result = subprocess.run([sys.executable, "-m", "local_vllm", "--config", str(config), "--dry-run"], capture_output=True,
