@@ -380,6 +380,7 @@ def test_golden_commands_of_the_shipped_configs(config, monkeypatch):
     """The exact argv and environment each shipped config produces (tests/golden/<config>.json)."""
     monkeypatch.chdir(REPO)
     monkeypatch.delenv("HF_HOME", raising=False)
+    monkeypatch.delenv("GYM_VLLM_MODEL", raising=False)  # docker.yaml's model
     produced = {}
     for engine in local_vllm.load_plan([str(config)]).engines:
         argv, env = local_vllm.engine_command(engine, 12345, "KEY", python="python")
