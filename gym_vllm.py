@@ -3,6 +3,7 @@
 Run it::
 
     python -m gym_vllm --config configs/vllm_model.yaml [--env env.yaml] [--host H] [--port P]
+    python -m gym_vllm --help          # every option, and every config key with its type, default and meaning
 
 Use it from the official SDK::
 
@@ -200,13 +201,17 @@ class ConfigKey:
     meaning: str
     field: str = ""    # the dataclass field it fills, where that name differs
 
+    @property
+    def field_name(self) -> str:
+        return self.field or self.name
+
 
 _TYPE_WORDS = {str: "string", bool: "bool", int: "int", float: "number", dict: "mapping", list: "list"}
 
 
 def _default_of(key: ConfigKey, config_class: type) -> Any:
     """The default of the dataclass field a key fills; dataclasses.MISSING for a required key."""
-    return {field.name: field.default for field in dataclasses.fields(config_class)}[key.field or key.name]
+    return {field.name: field.default for field in dataclasses.fields(config_class)}[key.field_name]
 
 
 def _required_keys(keys: Iterable[ConfigKey], config_class: type) -> tuple[str, ...]:
@@ -296,8 +301,8 @@ class ConfigPlace:
     path: tuple[str | int, ...]
     lines: Mapping[tuple, tuple[str, int]] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
-    def key(self, name: Any) -> "ConfigPlace":
-        return dataclasses.replace(self, path=(*self.path, str(name)))
+    def key(self, *names: Any) -> "ConfigPlace":
+        return dataclasses.replace(self, path=(*self.path, *map(str, names)))
 
     def item(self, index: int) -> "ConfigPlace":
         return dataclasses.replace(self, path=(*self.path, index))
@@ -535,7 +540,7 @@ def load_server_blocks(paths: Sequence[str], env_path: str | None = None) -> lis
         if not isinstance(kinds, dict) or len(kinds) != 1:
             raise ConfigError(f"{server.key('responses_api_models')}: must hold exactly one server type, `vllm_model`")
         [(kind, values)] = kinds.items()
-        where = server.key("responses_api_models").key(kind)
+        where = server.key("responses_api_models", kind)
         if kind not in SERVER_KINDS:
             raise ConfigError(f"{where}: unknown server type{_did_you_mean(str(kind), SERVER_KINDS)}")
         if not isinstance(values, dict):

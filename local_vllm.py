@@ -152,23 +152,23 @@ def engine_from_block(block: ServerBlock) -> tuple[EngineConfig, dict]:
     for key in gym_vllm._required_keys(ENGINE_KEYS.values(), EngineConfig):
         if key not in values:
             raise ConfigError(f"{where.key(key)}: required key is missing")
-    engine_values = {key.field or name: _check(values, name, key.types, key.expected, where)
+    engine_values = {key.field_name: _check(values, name, key.types, key.expected, where)
                      for name, key in ENGINE_KEYS.items() if name in values}
     kwargs = engine_values["serve_kwargs"] = dict(engine_values["serve_kwargs"])
     env_vars = engine_values["env_vars"] = {str(k): str(v) for k, v in engine_values["env_vars"].items()}
     for key in _REQUIRED_PARALLEL:
         if not isinstance(kwargs.get(key), int) or isinstance(kwargs.get(key), bool) or kwargs[key] < 1:
-            raise ConfigError(f"{where.key('vllm_serve_kwargs').key(key)}: required, a positive integer (1 if unused)")
+            raise ConfigError(f"{where.key('vllm_serve_kwargs', key)}: required, a positive integer (1 if unused)")
     strategy = env_vars.get("VLLM_RAY_DP_PACK_STRATEGY")
     if strategy not in ("strict", "span"):
-        raise ConfigError(f"{where.key('vllm_serve_env_vars').key('VLLM_RAY_DP_PACK_STRATEGY')}: required, `strict` (all of "
+        raise ConfigError(f"{where.key('vllm_serve_env_vars', 'VLLM_RAY_DP_PACK_STRATEGY')}: required, `strict` (all of "
                           f"an instance on one node) or `span` (an instance may span nodes); got {strategy!r}")
     injected = _ALWAYS_INJECTED + (_RAY_INJECTED if engine_values.get("use_ray", True) else ())
     for key in kwargs:
         normalized = key.replace("-", "_")
         if normalized in injected:
             fix = "use `engine_host`" if normalized == "host" else "the top-level `model`" if normalized == "model" else "remove it"
-            raise ConfigError(f"{where.key('vllm_serve_kwargs').key(key)}: set by local_vllm; {fix}")
+            raise ConfigError(f"{where.key('vllm_serve_kwargs', key)}: set by local_vllm; {fix}")
     if "vllm_command" in engine_values:
         command = engine_values["vllm_command"]
         if not command or not all(isinstance(part, str) for part in command):
@@ -216,7 +216,7 @@ def engine_from_deployment(block: ServerBlock) -> tuple[EngineConfig, dict]:
         raise ConfigError(f"{where.key('endpoints')}: expected a mapping {{chat, completions, health}}")
     chat = endpoints.get("chat", "/v1/chat/completions")
     if not isinstance(chat, str) or not chat.endswith("/chat/completions"):
-        raise ConfigError(f"{where.key('endpoints').key('chat')}: must end in /chat/completions, got {chat!r}")
+        raise ConfigError(f"{where.key('endpoints', 'chat')}: must end in /chat/completions, got {chat!r}")
     port = values.get("port")
     if port is not None:
         _check(values, "port", (int,), "an integer", where)
