@@ -3,6 +3,7 @@
 Run it::
 
     python -m gym_vllm --config configs/vllm_model.yaml [--env env.yaml] [--host H] [--port P]
+    python -m gym_vllm --help          # every option, and every config key with its type, default and meaning
 
 Collect rollouts from a JSONL of requests (NeMo Gym's format; re-run to resume)::
 
@@ -41,15 +42,18 @@ import difflib
 import functools
 import hashlib
 import hmac
+import importlib.metadata
 import json
 import logging
 import os
 import re
+import shutil
 import signal
 import sys
+import textwrap
 import time
 import urllib.parse
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import aiohttp
 import yaml
@@ -60,6 +64,10 @@ __all__ = [
     "ConfigError",
     "ServerConfig",
     "ServerBlock",
+    "ConfigKey",
+    "ConfigPlace",
+    "SERVER_KEYS",
+    "config_key_rows",
     "load_config",
     "load_server_blocks",
     "server_config_from_dict",
@@ -91,6 +99,16 @@ __all__ = [
 ]
 
 log = logging.getLogger("gym_vllm")
+
+
+def _package_version() -> str:
+    try:
+        return importlib.metadata.version("gym-vllm")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree that was never pip-installed
+        return "0+unknown"
+
+
+__version__ = _package_version()
 
 TOKEN_FIELDS = ("prompt_token_ids", "generation_token_ids", "generation_log_probs")
 
@@ -132,7 +150,7 @@ def upstream_error(message: str, code: str = "upstream_error", status: int = 502
 
 
 class ConfigError(Exception):
-    """A config problem, reported as one line naming the file, the key and the fix."""
+    """A config problem, reported as one line naming the file (and line, where YAML knows it), the key and the fix."""
 
 
 # ============================================================================================
@@ -144,7 +162,10 @@ _MISSING = object()
 
 @dataclasses.dataclass(frozen=True)
 class ServerConfig:
-    """One model server: where it listens, which vLLM endpoints it fronts, and how it converts."""
+    """One model server: where it listens, which vLLM endpoints it fronts, and how it converts.
+
+    Each field but `name` and `source` is a YAML key; SERVER_KEYS below says what it takes and means.
+    """
 
     name: str
     base_url: tuple[str, ...]
@@ -164,14 +185,14 @@ class ServerConfig:
     max_request_body_mb: float = 64.0
     session_table_size: int = 100_000
     session_idle_timeout_s: float = 3600.0
-    stream_idle_timeout_s: float | None = 600.0   # a stream silent this long is cut (vLLM sends every token)
-    health_check_interval_s: float | None = 5.0   # GET <upstream>/health; null: passive detection only
+    stream_idle_timeout_s: float | None = 600.0
+    health_check_interval_s: float | None = 5.0
     eject_after_failures: int = 3
     readmit_after_successes: int = 2
-    max_attempts: int = 3                         # per request, only where no upstream can have seen it
-    max_concurrent_requests_per_upstream: int = 0  # 0: no limit; otherwise requests queue for a connection
-    server_api_key: str | None = None              # Bearer key clients must send (none: open, bind to 127.0.0.1)
-    shutdown_timeout_s: float = 30.0               # how long a stop waits for in-flight requests
+    max_attempts: int = 3
+    max_concurrent_requests_per_upstream: int = 0
+    server_api_key: str | None = None
+    shutdown_timeout_s: float = 30.0
     source: str = dataclasses.field(default="<python>", compare=False)
 
     def __repr__(self) -> str:  # keeps the api_key out of logs and tracebacks
@@ -182,35 +203,132 @@ class ServerConfig:
         return f"ServerConfig({fields})"
 
 
-# key -> (accepted python types, human type name); `None` in the tuple means null is allowed.
-_CONFIG_TYPES: dict[str, tuple[tuple, str]] = {
-    "base_url": ((str, list), "a URL, a list of URLs or a comma-separated string"),
-    "api_key": ((str,), "a string"),
-    "model": ((str,), "a string"),
-    "return_token_id_information": ((bool,), "true or false"),
-    "uses_reasoning_parser": ((bool,), "true or false"),
-    "replace_developer_role_with_system": ((bool,), "true or false"),
-    "chat_template_kwargs": ((dict, type(None)), "a mapping or null"),
-    "extra_body": ((dict, type(None)), "a mapping or null"),
-    "propagate_context_overflow_errors": ((bool,), "true or false"),
-    "host": ((str,), "a string"),
-    "port": ((int,), "an integer"),
-    "connect_timeout_s": ((int, float), "a number of seconds"),
-    "request_timeout_s": ((int, float, type(None)), "a number of seconds or null"),
-    "max_request_body_mb": ((int, float), "a number of megabytes"),
-    "session_table_size": ((int,), "an integer"),
-    "session_idle_timeout_s": ((int, float), "a number of seconds"),
-    "stream_idle_timeout_s": ((int, float, type(None)), "a number of seconds or null"),
-    "health_check_interval_s": ((int, float, type(None)), "a number of seconds or null"),
-    "eject_after_failures": ((int,), "an integer"),
-    "readmit_after_successes": ((int,), "an integer"),
-    "max_attempts": ((int,), "an integer"),
-    "max_concurrent_requests_per_upstream": ((int,), "an integer (0: no limit)"),
-    "server_api_key": ((str, type(None)), "a string or null"),
-    "shutdown_timeout_s": ((int, float), "a number of seconds"),
-}
-_REQUIRED_KEYS = ("base_url", "api_key", "model", "return_token_id_information", "uses_reasoning_parser")
-_IGNORED_KEYS = ("entrypoint",)  # NeMo Gym's launcher key; meaningless here
+@dataclasses.dataclass(frozen=True)
+class ConfigKey:
+    """One YAML key of a server block. Validation, `--help` and README.md's tables all read these.
+
+    The default (or "required") comes from the config dataclass's field, so it is written once.
+    """
+
+    name: str
+    types: tuple       # accepted Python types; type(None): null is allowed
+    expected: str      # completes "expected ..., got <value>"
+    meaning: str
+    field: str = ""    # the dataclass field it fills, where that name differs
+
+    @property
+    def field_name(self) -> str:
+        return self.field or self.name
+
+
+_TYPE_WORDS = {str: "string", bool: "bool", int: "int", float: "number", dict: "mapping", list: "list"}
+
+
+def _default_of(key: ConfigKey, config_class: type) -> Any:
+    """The default of the dataclass field a key fills; dataclasses.MISSING for a required key."""
+    return {field.name: field.default for field in dataclasses.fields(config_class)}[key.field_name]
+
+
+def _required_keys(keys: Iterable[ConfigKey], config_class: type) -> tuple[str, ...]:
+    return tuple(key.name for key in keys if _default_of(key, config_class) is dataclasses.MISSING)
+
+
+def _yaml_text(value: Any) -> str:
+    """A default as YAML writes it: `true`, `null`, `3600`, `["a", "b"]`."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    return json.dumps(list(value) if isinstance(value, tuple) else value)
+
+
+def config_key_rows(keys: Iterable[ConfigKey], config_class: type) -> list[tuple[str, str, str, str]]:
+    """(key, type, default, meaning) for each key: the rows of `--help`'s key groups and README.md's tables."""
+    rows = []
+    for key in keys:
+        words = [_TYPE_WORDS[t] for t in key.types if t is not type(None) and not (t is int and float in key.types)]
+        type_text = " or ".join(words) + (" or null" if type(None) in key.types else "")
+        default = _default_of(key, config_class)
+        rows.append((key.name, type_text, "required" if default is dataclasses.MISSING else _yaml_text(default), key.meaning))
+    return rows
+
+
+SERVER_KEYS: dict[str, ConfigKey] = {key.name: key for key in (
+    ConfigKey("base_url", (str, list), "a URL, a list of URLs or a comma-separated string",
+              "vLLM's OpenAI base URL(s), e.g. `http://127.0.0.1:8000/v1`: one, a list, or `\"a,b\"`"),
+    ConfigKey("api_key", (str,), "a string", "the `--api-key` of `vllm serve` (never logged, never in error bodies)"),
+    ConfigKey("model", (str,), "a string", "model name sent to vLLM and reported in replies"),
+    ConfigKey("return_token_id_information", (bool,), "true or false",
+              "token IDs and log probs on every reply, for RL training"),
+    ConfigKey("uses_reasoning_parser", (bool,), "true or false", "split `<think>…</think>` into reasoning items"),
+    ConfigKey("replace_developer_role_with_system", (bool,), "true or false",
+              "rewrite `developer` messages as `system` (for templates without a developer role)"),
+    ConfigKey("chat_template_kwargs", (dict, type(None)), "a mapping or null",
+              "baseline template kwargs, e.g. `{enable_thinking: false}`; the request's own field and "
+              "`metadata.chat_template_kwargs` (a JSON string) override key by key"),
+    ConfigKey("extra_body", (dict, type(None)), "a mapping or null",
+              "extra fields for every vLLM request; request fields and `metadata.extra_body` (a JSON string) win; "
+              "`null` entries are ignored"),
+    ConfigKey("propagate_context_overflow_errors", (bool,), "true or false",
+              "return vLLM's context-length 400 instead of an empty incomplete reply"),
+    ConfigKey("host", (str,), "a string", "listen address (`0.0.0.0`: all interfaces); CLI `--host` for a single server"),
+    ConfigKey("port", (int,), "an integer", "listen port (`0`: a free one); CLI `--port` for a single server"),
+    ConfigKey("connect_timeout_s", (int, float), "a number of seconds", "TCP connect timeout to vLLM"),
+    ConfigKey("request_timeout_s", (int, float, type(None)), "a number of seconds or null",
+              "total time for one vLLM call (null: none); a timeout is a 504"),
+    ConfigKey("max_request_body_mb", (int, float), "a number of megabytes", "larger request bodies get a 413"),
+    ConfigKey("session_table_size", (int,), "an integer",
+              "sessions remembered for affinity (the least recently used are dropped)"),
+    ConfigKey("session_idle_timeout_s", (int, float), "a number of seconds", "a session idle this long is forgotten"),
+    ConfigKey("stream_idle_timeout_s", (int, float, type(None)), "a number of seconds or null",
+              "a stream from vLLM silent this long is cut (`response.failed`); vLLM sends every token, so only a "
+              "wedged engine is this quiet"),
+    ConfigKey("health_check_interval_s", (int, float, type(None)), "a number of seconds or null",
+              "background `GET /health` of every upstream; null: passive detection only"),
+    ConfigKey("eject_after_failures", (int,), "an integer",
+              "failures in a row (health checks, refused connections, 502/503/504) before an upstream is ejected"),
+    ConfigKey("readmit_after_successes", (int,), "an integer",
+              "good health checks in a row before an ejected upstream takes traffic again"),
+    ConfigKey("max_attempts", (int,), "an integer",
+              "tries per request, on other upstreams, only when the failed one cannot have seen it "
+              "(connection refused) or said 503"),
+    ConfigKey("max_concurrent_requests_per_upstream", (int,), "an integer (0: no limit)",
+              "`0`: no limit; otherwise requests beyond it wait for a connection (a queue, not a failure)"),
+    ConfigKey("server_api_key", (str, type(None)), "a string or null",
+              "clients must send `Authorization: Bearer <key>` (constant-time check; `GET /health` stays open); never logged; "
+              "null: open to whoever reaches `host`"),
+    ConfigKey("shutdown_timeout_s", (int, float), "a number of seconds",
+              "on Ctrl-C/SIGTERM, in-flight requests get this long to finish"),
+)}
+_IGNORED_KEYS = ("entrypoint",)  # NeMo Gym's launcher key: accepted, meaningless here
+_REQUIRED_KEYS = _required_keys(SERVER_KEYS.values(), ServerConfig)
+
+
+@dataclasses.dataclass(frozen=True)
+class ConfigPlace:
+    """Where a config value is, for errors: `configs/a.yaml:12: policy_model.responses_api_models.vllm_model.port`.
+
+    `lines` maps key paths to the (file, line) the YAML put them at. A path without one (a missing key)
+    takes its nearest parent's; a config built in Python has none and reads `source: path`.
+    """
+
+    source: str
+    path: tuple[str | int, ...]
+    lines: Mapping[tuple, tuple[str, int]] = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    def key(self, *names: Any) -> "ConfigPlace":
+        return dataclasses.replace(self, path=(*self.path, *map(str, names)))
+
+    def item(self, index: int) -> "ConfigPlace":
+        return dataclasses.replace(self, path=(*self.path, index))
+
+    def __str__(self) -> str:
+        dotted = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in self.path).lstrip(".")
+        for end in range(len(self.path), 0, -1):
+            if self.path[:end] in self.lines:
+                file, line = self.lines[self.path[:end]]
+                return f"{file}:{line}: {dotted}"
+        return f"{self.source}: {dotted}"
 
 
 def _did_you_mean(key: str, valid: Iterable[str]) -> str:
@@ -218,7 +336,7 @@ def _did_you_mean(key: str, valid: Iterable[str]) -> str:
     return f" (did you mean `{close[0]}`?)" if close else ""
 
 
-def _split_base_urls(value: str | list, where: str) -> tuple[str, ...]:
+def _split_base_urls(value: str | list, where: ConfigPlace) -> tuple[str, ...]:
     items = value.split(",") if isinstance(value, str) else value
     urls = []
     for item in items:
@@ -235,50 +353,50 @@ def _split_base_urls(value: str | list, where: str) -> tuple[str, ...]:
     return tuple(urls)
 
 
-def check_config_type(value: Any, types: tuple, what: str, where: str) -> Any:
+def check_config_type(value: Any, types: tuple, what: str, where: ConfigPlace | str) -> Any:
     """A config value of one of `types` (a bool never counts as a number), else a ConfigError naming the key."""
     if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
         raise ConfigError(f"{where}: expected {what}, got {value!r}")
     return value
 
 
-def server_config_from_dict(name: str, values: dict, source: str = "<python>") -> ServerConfig:
-    """Validates one `vllm_model` block (already interpolated) and builds its ServerConfig."""
-    where_base = f"{source}: {name}.responses_api_models.vllm_model"
+def server_config_from_dict(name: str, values: dict, source: str = "<python>", where: ConfigPlace | None = None) -> ServerConfig:
+    """Validates one `vllm_model` block (already interpolated) and builds its ServerConfig.
+
+    `where`: the block's place in the config files, for errors (default: `source: <name>.responses_api_models.vllm_model`).
+    """
+    where = where or ConfigPlace(source, (name, "responses_api_models", "vllm_model"))
     if not isinstance(values, dict):
-        raise ConfigError(f"{where_base}: must be a mapping of settings, got {type(values).__name__}")
+        raise ConfigError(f"{where}: must be a mapping of settings, got {type(values).__name__}")
     for key in values:
-        if key not in _CONFIG_TYPES and key not in _IGNORED_KEYS:
-            raise ConfigError(f"{where_base}.{key}: unknown key{_did_you_mean(str(key), _CONFIG_TYPES)}")
+        if key not in SERVER_KEYS and key not in _IGNORED_KEYS:
+            raise ConfigError(f"{where.key(key)}: unknown key{_did_you_mean(str(key), SERVER_KEYS)}")
     for key in _REQUIRED_KEYS:
         if key not in values:
-            raise ConfigError(f"{where_base}.{key}: required key is missing; add `{key}: ...` to the server block")
-    kwargs: dict[str, Any] = {}
-    for key, (types, type_name) in _CONFIG_TYPES.items():
-        if key not in values:
-            continue
-        kwargs[key] = check_config_type(values[key], types, type_name, f"{where_base}.{key}")
-    kwargs["base_url"] = _split_base_urls(kwargs["base_url"], f"{where_base}.base_url")
+            raise ConfigError(f"{where.key(key)}: required key is missing; add `{key}: ...` to the server block")
+    kwargs = {name: check_config_type(values[name], key.types, key.expected, where.key(name))
+              for name, key in SERVER_KEYS.items() if name in values}
+    kwargs["base_url"] = _split_base_urls(kwargs["base_url"], where.key("base_url"))
     for key in ("connect_timeout_s", "request_timeout_s", "max_request_body_mb", "session_idle_timeout_s",
                 "stream_idle_timeout_s", "health_check_interval_s", "shutdown_timeout_s"):
         if kwargs.get(key) is not None and kwargs[key] <= 0:
-            raise ConfigError(f"{where_base}.{key}: must be positive, got {kwargs[key]!r}")
+            raise ConfigError(f"{where.key(key)}: must be positive, got {kwargs[key]!r}")
     for key in ("session_table_size", "eject_after_failures", "readmit_after_successes", "max_attempts"):
         if kwargs.get(key, 1) < 1:
-            raise ConfigError(f"{where_base}.{key}: must be at least 1")
+            raise ConfigError(f"{where.key(key)}: must be at least 1")
     if kwargs.get("max_concurrent_requests_per_upstream", 0) < 0:
-        raise ConfigError(f"{where_base}.max_concurrent_requests_per_upstream: must be 0 (no limit) or more")
+        raise ConfigError(f"{where.key('max_concurrent_requests_per_upstream')}: must be 0 (no limit) or more")
     if kwargs.get("server_api_key") == "":
-        raise ConfigError(f"{where_base}.server_api_key: must not be empty; leave it out to serve without a key")
+        raise ConfigError(f"{where.key('server_api_key')}: must not be empty; leave it out to serve without a key")
     if not 0 <= kwargs.get("port", 0) <= 65535:
-        raise ConfigError(f"{where_base}.port: must be between 0 and 65535, got {kwargs['port']}")
+        raise ConfigError(f"{where.key('port')}: must be between 0 and 65535, got {kwargs['port']}")
     return ServerConfig(name=name, source=source, **kwargs)
 
 
 _INTERPOLATION = re.compile(r"\$\{([^{}]+)\}")
 
 
-def _lookup_variable(expr: str, variables: dict, where: str, env_hint: str) -> Any:
+def _lookup_variable(expr: str, variables: dict, where: ConfigPlace, env_hint: str) -> Any:
     expr = expr.strip()
     if expr.startswith("oc.env:"):
         name, _, default = expr[len("oc.env:"):].partition(",")
@@ -296,14 +414,14 @@ def _lookup_variable(expr: str, variables: dict, where: str, env_hint: str) -> A
     return value
 
 
-def _interpolate(value: Any, variables: dict, where: str, env_hint: str, depth: int = 0) -> Any:
+def _interpolate(value: Any, variables: dict, where: ConfigPlace, env_hint: str, depth: int = 0) -> Any:
     """Resolves `${name}` and `${oc.env:VAR[,default]}`; a value that is one whole `${...}` keeps its type."""
     if depth > 10:
         raise ConfigError(f"{where}: variables refer to each other in a cycle")
     if isinstance(value, dict):
-        return {k: _interpolate(v, variables, f"{where}.{k}", env_hint, depth) for k, v in value.items()}
+        return {k: _interpolate(v, variables, where.key(k), env_hint, depth) for k, v in value.items()}
     if isinstance(value, list):
-        return [_interpolate(v, variables, f"{where}[{i}]", env_hint, depth) for i, v in enumerate(value)]
+        return [_interpolate(v, variables, where.item(i), env_hint, depth) for i, v in enumerate(value)]
     if not isinstance(value, str) or "${" not in value:
         return value
     whole = _INTERPOLATION.fullmatch(value)
@@ -318,18 +436,42 @@ def _interpolate(value: Any, variables: dict, where: str, env_hint: str, depth: 
     return _INTERPOLATION.sub(substitute, value)
 
 
-def _read_yaml(path: str, what: str) -> Any:
+def _read_yaml(path: str, what: str) -> tuple[Any, dict[tuple, tuple[str, int]]]:
+    """The file's data, and the (path, line) of every key and list item in it (from YAML's node marks)."""
     try:
         with open(path, encoding="utf-8") as file:
-            return yaml.safe_load(file)
+            loader = yaml.SafeLoader(file)
+            try:
+                node = loader.get_single_node()
+                data = loader.construct_document(node) if node is not None else None
+            finally:
+                loader.dispose()
     except FileNotFoundError:
         raise ConfigError(f"{path}: {what} file not found") from None
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read {what} file: {exc.strerror}") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        line = f" line {mark.line + 1}" if mark else ""
-        raise ConfigError(f"{path}:{line}: invalid YAML: {getattr(exc, 'problem', exc)}") from None
+        line = f"{mark.line + 1}:" if mark else ""
+        raise ConfigError(f"{path}:{line} invalid YAML: {getattr(exc, 'problem', exc)}") from None
+    lines: dict[tuple, tuple[str, int]] = {}
+
+    def visit(node: yaml.Node, at: tuple) -> None:
+        if len(at) > 32:  # an alias that contains itself
+            return
+        if isinstance(node, yaml.MappingNode):  # merge keys (`<<`) are already flattened into it
+            for key_node, value_node in node.value:
+                if isinstance(key_node, yaml.ScalarNode):
+                    lines[(*at, key_node.value)] = (path, key_node.start_mark.line + 1)
+                    visit(value_node, (*at, key_node.value))
+        elif isinstance(node, yaml.SequenceNode):
+            for index, item in enumerate(node.value):
+                lines[(*at, index)] = (path, item.start_mark.line + 1)
+                visit(item, (*at, index))
+
+    if node is not None:
+        visit(node, ())
+    return data, lines
 
 
 def _merge(base: dict, extra: dict) -> dict:
@@ -347,13 +489,13 @@ class ServerBlock:
     kind: str  # vllm_model | local_vllm_model | deployment (the evaluator shape, a top-level `deployment:`)
     values: dict
     source: str
+    lines: Mapping[tuple, tuple[str, int]] = dataclasses.field(default_factory=dict, repr=False, compare=False)
 
     @property
-    def where(self) -> str:
-        """The block's place, for error messages: `file: server.responses_api_models.kind`."""
-        if self.kind == "deployment":
-            return f"{self.source}: deployment"
-        return f"{self.source}: {self.name}.responses_api_models.{self.kind}"
+    def where(self) -> ConfigPlace:
+        """The block's place, for errors: `file:line: server.responses_api_models.kind` (`.key(k)` for a key in it)."""
+        path = ("deployment",) if self.kind == "deployment" else (self.name, "responses_api_models", self.kind)
+        return ConfigPlace(self.source, path, self.lines)
 
 
 SERVER_KINDS = ("vllm_model", "local_vllm_model")
@@ -372,7 +514,7 @@ def load_server_blocks(paths: Sequence[str], env_path: str | None = None) -> lis
         env_path = "env.yaml"
     variables: dict = {}
     if env_path is not None:
-        env_values = _read_yaml(env_path, "env")
+        env_values, _ = _read_yaml(env_path, "env")
         if env_values is not None and not isinstance(env_values, dict):
             raise ConfigError(f"{env_path}: an env file must be a mapping of names to values")
         variables = env_values or {}
@@ -380,8 +522,10 @@ def load_server_blocks(paths: Sequence[str], env_path: str | None = None) -> lis
 
     servers: dict[str, dict] = {}
     sources: dict[str, str] = {}
+    lines: dict[tuple, tuple[str, int]] = {}  # later files win here too
     for path in files:
-        data = _read_yaml(path, "config")
+        data, file_lines = _read_yaml(path, "config")
+        lines.update(file_lines)
         if data is None:
             continue
         if not isinstance(data, dict):
@@ -395,28 +539,28 @@ def load_server_blocks(paths: Sequence[str], env_path: str | None = None) -> lis
 
     blocks = []
     for name, block in servers.items():
-        source = sources[name]
+        server = ConfigPlace(sources[name], (str(name),), lines)
         if name == "deployment":  # the evaluator's shape: one engine, described at the top level
-            blocks.append(ServerBlock(name, "deployment", _interpolate(block, variables, f"{source}: deployment", env_hint), source))
+            blocks.append(ServerBlock(name, "deployment", _interpolate(block, variables, server, env_hint), sources[name], lines))
             continue
         kinds = block.get("responses_api_models")
         others = sorted(set(block) - {"responses_api_models"})
         if kinds is None and others and set(others) <= {"resources_servers", "responses_api_agents"}:
-            log.info("config %s: skipping %s (%s is not a model server)", source, name, "/".join(others))
+            log.info("config %s: skipping %s (%s is not a model server)", sources[name], name, "/".join(others))
             continue
         if others:
-            raise ConfigError(f"{source}: {name}.{others[0]}: unknown key{_did_you_mean(others[0], ['responses_api_models'])}")
+            raise ConfigError(f"{server.key(others[0])}: unknown key{_did_you_mean(others[0], ['responses_api_models'])}")
         if kinds is None:
-            raise ConfigError(f"{source}: {name}: expected `responses_api_models: {{vllm_model: {{...}}}}` under the server name")
+            raise ConfigError(f"{server}: expected `responses_api_models: {{vllm_model: {{...}}}}` under the server name")
         if not isinstance(kinds, dict) or len(kinds) != 1:
-            raise ConfigError(f"{source}: {name}.responses_api_models: must hold exactly one server type, `vllm_model`")
+            raise ConfigError(f"{server.key('responses_api_models')}: must hold exactly one server type, `vllm_model`")
         [(kind, values)] = kinds.items()
+        where = server.key("responses_api_models", kind)
         if kind not in SERVER_KINDS:
-            raise ConfigError(f"{source}: {name}.responses_api_models.{kind}: unknown server type{_did_you_mean(str(kind), SERVER_KINDS)}")
-        where = f"{source}: {name}.responses_api_models.{kind}"
+            raise ConfigError(f"{where}: unknown server type{_did_you_mean(str(kind), SERVER_KINDS)}")
         if not isinstance(values, dict):
             raise ConfigError(f"{where}: must be a mapping of settings, got {type(values).__name__}")
-        blocks.append(ServerBlock(name, kind, _interpolate(values, variables, where, env_hint), source))
+        blocks.append(ServerBlock(name, kind, _interpolate(values, variables, where, env_hint), sources[name], lines))
     if not blocks:
         raise ConfigError(f"{', '.join(files)}: no model server found; see configs/vllm_model.yaml for the shape")
     return blocks
@@ -429,7 +573,7 @@ def load_config(paths: Sequence[str], env_path: str | None = None) -> list[Serve
         if block.kind != "vllm_model" or str(block.values.get("base_url", "")).startswith(LOCAL_ENGINE_PREFIX):
             raise ConfigError(f"{block.where}: this server needs a local engine; start it with "
                               f"`python -m local_vllm --config {block.source}`")
-        configs.append(server_config_from_dict(block.name, block.values, block.source))
+        configs.append(server_config_from_dict(block.name, block.values, block.source, block.where))
     _check_ports(configs)
     return configs
 
@@ -2986,26 +3130,76 @@ def configure_logging(level: str = "INFO", log_format: str = "text", access: boo
     access_log.setLevel(logging.INFO if access else logging.WARNING)
 
 
-def add_logging_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"])
-    parser.add_argument("--log-format", default="text", choices=LOG_FORMATS,
-                        help="text for people (default), json for log collectors: one object per line")
-    parser.add_argument("--access-log", action="store_true",
-                        help="log one line per request (status, time, request id, upstream); off by default for speed")
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's own layout, except that text already laid out in lines (the key tables) is kept as it is."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        if "\n" in text:
+            return "".join(indent + line if line.strip() else line for line in text.splitlines(keepends=True))
+        return super()._fill_text(text, width, indent)
+
+
+_ENVIRONMENT_HELP = ("environment: GYM_VLLM_LOOP=auto|asyncio|uvloop picks the event loop (auto: uvloop when installed); "
+                     "GYM_VLLM_JSON=stdlib decodes JSON with the standard library instead of msgspec (when installed).")
+
+
+def new_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    """A parser laid out like `vllm serve --help`: titled groups, `--version` (local_vllm uses it too)."""
+    parser = argparse.ArgumentParser(prog=f"python -m {prog}", description=description, formatter_class=_HelpFormatter,
+                                     epilog=_ENVIRONMENT_HELP)
+    parser.add_argument("--version", action="version", version=f"{prog} {__version__}")
+    return parser
+
+
+def add_logging_arguments(parser: argparse.ArgumentParser) -> Any:
+    """The Logging group of both CLIs (returned, for local_vllm's own additions)."""
+    logs = parser.add_argument_group("Logging")
+    logs.add_argument("--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+                      help="log level (default: %(default)s)")
+    logs.add_argument("--log-format", default="text", choices=LOG_FORMATS,
+                      help="text for people (default), json for log collectors: one object per line")
+    logs.add_argument("--access-log", action="store_true",
+                      help="one line per request (status, time, request id, upstream); off by default, it costs CPU at high rates")
+    return logs
+
+
+def add_config_key_group(parser: argparse.ArgumentParser, title: str, description: str,
+                         rows: Iterable[tuple[str, str, str, str]]) -> None:
+    """A help group listing config keys the way argparse lists options: `key: type`, then its meaning and default."""
+    width = max(shutil.get_terminal_size().columns - 4, 40)  # argparse's width, less the group's indent
+    lines = [*textwrap.wrap(description, width), ""]
+    for name, type_text, default, meaning in rows:
+        lines.append(f"{name}: {type_text}")
+        lines += textwrap.wrap(f"{meaning} ({'required' if default == 'required' else f'default: {default}'})", width,
+                               initial_indent=" " * 22, subsequent_indent=" " * 22, break_on_hyphens=False)
+    parser.add_argument_group(title, "\n".join(lines))
+
+
+INTERPOLATION_HELP = ("`${name}` comes from --env or top-level scalars of the config files, `${oc.env:VAR[,default]}` "
+                       "from the environment.")
 
 
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m gym_vllm", description="OpenAI Responses API proxy in front of vLLM.")
-    parser.add_argument("--config", action="append", required=True, metavar="FILE[,FILE]",
-                        help="config file(s) in NeMo Gym's shape; repeat or separate with commas")
-    parser.add_argument("--env", metavar="FILE", help="variables for ${name} (default: ./env.yaml if present)")
-    parser.add_argument("--host", help="listen host (only with a single server; default: the config's host, 127.0.0.1)")
-    parser.add_argument("--port", type=int, help="listen port (only with a single server; default: the config's port, 8080)")
-    parser.add_argument("--workers", type=int, default=1, metavar="N",
-                        help="processes sharing each port (SO_REUSEPORT), for more than one core's worth of traffic")
-    parser.add_argument("--worker-of", type=int, default=0, help=argparse.SUPPRESS)  # set by the parent of --workers
-    parser.add_argument("--worker-metrics-dir", help=argparse.SUPPRESS)  # the workers' shared metrics folder
+    parser = new_parser("gym_vllm", "The OpenAI Responses API in front of vLLM: one server per `vllm_model` block of the "
+                                    "config files, each on its own port. Rollout collection: python -m gym_vllm collect --help.")
+    files = parser.add_argument_group("Config", "NeMo Gym's shape: `<server>: {responses_api_models: {vllm_model: {...}}}`, "
+                                                "keys below; later files win key by key.")
+    files.add_argument("--config", action="append", required=True, metavar="FILE[,FILE]",
+                       help="config file(s); repeat or separate with commas")
+    files.add_argument("--env", metavar="FILE", help="variables for ${name} (default: ./env.yaml if present)")
+    server = parser.add_argument_group("Server", "Overrides for a config with a single server.")
+    server.add_argument("--host", help="listen host (default: the config's `host`, 127.0.0.1)")
+    server.add_argument("--port", type=int, help="listen port (default: the config's `port`, 8080)")
+    processes = parser.add_argument_group("Processes")
+    processes.add_argument("--workers", type=int, default=1, metavar="N",
+                           help="processes sharing each port (SO_REUSEPORT), for more than one core's worth of traffic "
+                                "(default: %(default)s)")
+    processes.add_argument("--worker-of", type=int, default=0, help=argparse.SUPPRESS)  # set by the parent of --workers
+    processes.add_argument("--worker-metrics-dir", help=argparse.SUPPRESS)  # the workers' shared metrics folder
     add_logging_arguments(parser)
+    add_config_key_group(parser, "vllm_model keys", f"The keys of a `vllm_model` block. {INTERPOLATION_HELP} "
+                         f"Also accepted, and ignored: {', '.join(_IGNORED_KEYS)} (NeMo Gym's launcher key).",
+                         config_key_rows(SERVER_KEYS.values(), ServerConfig))
     return parser.parse_args(argv)
 
 

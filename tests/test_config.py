@@ -1,5 +1,7 @@
 """Config loading, interpolation and the CLI's one-line errors."""
 
+import importlib.metadata
+import re
 import subprocess
 import sys
 import textwrap
@@ -8,6 +10,7 @@ from pathlib import Path
 import pytest
 
 import gym_vllm
+import local_vllm
 from gym_vllm import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
@@ -121,7 +124,36 @@ def test_config_errors_name_file_and_key(tmp_path, body, fragment):
     path = server(tmp_path, body)
     with pytest.raises(ConfigError) as info:
         gym_vllm.load_config([path])
-    assert fragment in str(info.value) and str(info.value).startswith(path)
+    assert fragment in str(info.value) and re.match(rf"{re.escape(path)}:\d+: policy_model\.", str(info.value)), str(info.value)
+
+
+def test_config_errors_point_at_the_line_of_the_key(tmp_path):
+    def error(*paths):
+        with pytest.raises(ConfigError) as info:
+            gym_vllm.load_config(list(paths))
+        return str(info.value)
+
+    path = server(tmp_path, REQUIRED + "      modle: x\n")  # line 9: after the server, its kind and five keys
+    assert error(path) == f"{path}:9: policy_model.responses_api_models.vllm_model.modle: unknown key (did you mean `model`?)"
+    path = server(tmp_path, REQUIRED.replace("      api_key: k\n", ""))  # a missing key: the line of its block
+    assert error(path).startswith(f"{path}:3: policy_model.responses_api_models.vllm_model.api_key: required key is missing")
+    path = server(tmp_path, REQUIRED.replace("http://127.0.0.1:8000/v1", "[http://a/v1, b]"))
+    assert error(path).startswith(f"{path}:4: policy_model.responses_api_models.vllm_model.base_url: base_url 'b' must start")
+    path = server(tmp_path, REQUIRED + "      extra_body:\n        seed: 1\n        stop: [a, '${nope}']\n")
+    assert error(path).startswith(f"{path}:11: policy_model.responses_api_models.vllm_model.extra_body.stop[1]: variable ${{nope}}")
+    first = server(tmp_path)  # a key from a later file is reported at its line in that file
+    second = write(tmp_path, "# override\npolicy_model:\n  responses_api_models:\n    vllm_model:\n      port: -1\n", "b.yaml")
+    assert error(first, second).startswith(f"{second}:5: policy_model.responses_api_models.vllm_model.port: must be between")
+    assert error(write(tmp_path, "policy_model:\n  responses_api_models:\n    vllm_modle: {}\n")).startswith(
+        f"{tmp_path}/config.yaml:3: policy_model.responses_api_models.vllm_modle: unknown server type (did you mean `vllm_model`?)")
+    assert error(write(tmp_path, "a: 1\nb: [unclosed\n")).startswith(f"{tmp_path}/config.yaml:3: invalid YAML")
+
+
+def test_config_errors_from_python_name_the_source_without_a_line():
+    with pytest.raises(ConfigError) as info:
+        gym_vllm.server_config_from_dict("p", {"base_url": "http://a/v1", "api_key": "k", "model": "m",
+                                               "return_token_id_information": False, "uses_reasoning_parser": True, "prot": 1})
+    assert str(info.value) == "<python>: p.responses_api_models.vllm_model.prot: unknown key (did you mean `port`?)"
 
 
 @pytest.mark.parametrize("text, fragment", [
@@ -211,3 +243,37 @@ def test_cli_serves_and_stops_on_sigterm(tmp_path):
         process.send_signal(signal.SIGTERM)
         _, stderr = process.communicate(timeout=30)
     assert process.returncode == 0 and "listening on" in stderr and "Traceback" not in stderr
+
+
+# --- the key tables: one source (SERVER_KEYS, local_vllm.ENGINE_KEYS) for --help and README.md -------
+
+
+def markdown_rows(rows):
+    return [f"| `{key}` | {type_text} | {default if default == 'required' else f'`{default}`'} | {meaning} |"
+            for key, type_text, default, meaning in rows]
+
+
+@pytest.mark.parametrize("section, rows", [
+    ("## Configuration", gym_vllm.config_key_rows(gym_vllm.SERVER_KEYS.values(), gym_vllm.ServerConfig)),
+    ("## Run vLLM and the proxy together", gym_vllm.config_key_rows(local_vllm.ENGINE_KEYS.values(), local_vllm.EngineConfig)),
+], ids=["vllm_model", "local_vllm_model"])
+def test_readme_key_tables_match_the_code(section, rows):
+    text = (REPO / "README.md").read_text().split(section, 1)[1].split("\n## ", 1)[0]
+    table = [line for line in text.splitlines() if line.startswith("| `")]
+    cells = [[cell.strip() for cell in line.strip("| ").split(" | ", 3)] for line in table]
+    expected = [[cell.strip() for cell in line.strip("| ").split(" | ", 3)] for line in markdown_rows(rows)]
+    paste = "\n".join(["| key | type | default | meaning |", "|---|---|---|---|", *markdown_rows(rows)])
+    assert [c[:3] for c in cells] == [e[:3] for e in expected], f"README.md {section}: keys, types or defaults differ; use:\n{paste}"
+    assert cells == expected, f"README.md {section}: meanings differ; use:\n{paste}"
+
+
+def test_cli_help_documents_every_key_and_version():
+    help_text = run_cli("--help").stdout
+    for group in ("Config:", "Server:", "Processes:", "Logging:", "vllm_model keys:"):
+        assert f"\n{group}\n" in help_text
+    for key, type_text, default, _ in gym_vllm.config_key_rows(gym_vllm.SERVER_KEYS.values(), gym_vllm.ServerConfig):
+        assert f"\n  {key}: {type_text}\n" in help_text
+    assert "(default: 100000)" in help_text and "(required)" in help_text
+    version = run_cli("--version")
+    assert version.returncode == 0 and version.stdout.strip() == f"gym_vllm {gym_vllm.__version__}"
+    assert gym_vllm.__version__ == importlib.metadata.version("gym-vllm")

@@ -89,6 +89,17 @@ def test_engine_config_errors(values, fragment):
     assert fragment in str(info.value) and str(info.value).startswith("test.yaml: policy_model.responses_api_models.local_vllm_model")
 
 
+def test_engine_config_errors_point_at_the_line(tmp_path):
+    path = tmp_path / "local.yaml"
+    path.write_text("policy_model:\n  responses_api_models:\n    local_vllm_model:\n      model: m\n"
+                    "      return_token_id_information: false\n      uses_reasoning_parser: true\n"
+                    "      vllm_serve_kwargs: {data_parallel_size: 1, tensor_parallel_size: 1, pipeline_parallel_size: 1,\n"
+                    "                          port: 1}\n      vllm_serve_env_vars: {VLLM_RAY_DP_PACK_STRATEGY: strict}\n")
+    with pytest.raises(ConfigError) as info:
+        local_vllm.load_plan([str(path)])
+    assert str(info.value) == f"{path}:8: policy_model.responses_api_models.local_vllm_model.vllm_serve_kwargs.port: set by local_vllm; remove it"
+
+
 def test_local_engine_references():
     plan = local_vllm.plan_from_blocks([
         block(local_values(port=8080)),
@@ -139,6 +150,30 @@ def test_port_pool_never_hands_out_a_port_twice():
         narrow = local_vllm.PortPool(taken, taken)
         with pytest.raises(RuntimeError):
             narrow.allocate()
+
+
+def test_cli_help_documents_every_key_and_version():
+    def run(*args):
+        return subprocess.run([sys.executable, "-m", "local_vllm", *args], capture_output=True, text=True, timeout=60, cwd=REPO)
+
+    help_text = run("--help").stdout
+    for group in ("Config:", "Server:", "Logging:", "local_vllm_model keys:", "vllm_model keys:"):
+        assert f"\n{group}\n" in help_text
+    proxy_keys = [k for name, k in gym_vllm.SERVER_KEYS.items() if name not in ("base_url", "api_key", "model")]
+    for key, type_text, _, _ in [*gym_vllm.config_key_rows(local_vllm.ENGINE_KEYS.values(), EngineConfig),
+                                 *gym_vllm.config_key_rows(proxy_keys, gym_vllm.ServerConfig)]:
+        assert f"\n  {key}: {type_text}\n" in help_text
+    assert "\n  base_url:" not in help_text  # filled in by local_vllm
+    assert run("--version").stdout.strip() == f"local_vllm {gym_vllm.__version__}"
+
+
+def test_cli_host_and_port_override_a_single_server(tmp_path):
+    result = subprocess.run([sys.executable, "-m", "local_vllm", "--config", str(REPO / "configs" / "local" / "tiny-cpu.yaml"),
+                             "--dry-run", "--host", "0.0.0.0", "--port", "9000"], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert result.returncode == 0 and "server policy_model: http://0.0.0.0:9000/v1" in result.stdout, result.stderr
+    result = subprocess.run([sys.executable, "-m", "local_vllm", "--config", str(REPO / "configs" / "local" / "two-instances-tp4.yaml"),
+                             "--dry-run", "--host", "0.0.0.0"], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert result.returncode == 2 and "--host/--port apply to a single server" in result.stderr
 
 
 @pytest.mark.parametrize("config", SHIPPED, ids=lambda p: p.name)
@@ -348,6 +383,7 @@ def test_golden_commands_of_the_shipped_configs(config, monkeypatch):
     """The exact argv and environment each shipped config produces (tests/golden/<config>.json)."""
     monkeypatch.chdir(REPO)
     monkeypatch.delenv("HF_HOME", raising=False)
+    monkeypatch.delenv("GYM_VLLM_MODEL", raising=False)  # docker.yaml's model
     produced = {}
     for engine in local_vllm.load_plan([str(config)]).engines:
         argv, env = local_vllm.engine_command(engine, 12345, "KEY", python="python")
