@@ -42,6 +42,7 @@ import difflib
 import functools
 import hashlib
 import hmac
+import itertools
 import importlib.metadata
 import json
 import logging
@@ -1058,6 +1059,15 @@ def _malformed(where: str, expected: str) -> ApiError:
     return upstream_error(f"vLLM returned a malformed chat completion: `{where}` should be {expected}")
 
 
+_INTS, _NUMBERS, _DICTS, _STRS = frozenset({int}), frozenset({int, float}), frozenset({dict}), frozenset({str})
+
+
+def _only(values: list, types: frozenset) -> bool:
+    """Every element's exact type is in `types` (bool is not an int here). Token lists run to thousands of
+    entries: `map(type, ...)` checks them without a Python frame per element, unlike `all(<generator>)`."""
+    return set(map(type, values)) <= types
+
+
 def _first_choice(chat: Any) -> dict:
     """choices[0] of a vLLM chat completion, after checking every field the converters read."""
     choices = chat.get("choices") if isinstance(chat, dict) else None
@@ -1077,10 +1087,10 @@ def _first_choice(chat: Any) -> dict:
         raise _malformed("choices[0].message.tool_calls", "a list of {id, function: {name, arguments}}")
     logprobs = choice.get("logprobs")
     if logprobs is not None and not (isinstance(logprobs, dict) and (logprobs.get("content") is None or (
-            isinstance(logprobs["content"], list) and all(isinstance(e, dict) for e in logprobs["content"])))):
+            isinstance(logprobs["content"], list) and _only(logprobs["content"], _DICTS)))):
         raise _malformed("choices[0].logprobs", "{content: [...]} or null")
     for where, value in (("choices[0].token_ids", choice.get("token_ids")), ("prompt_token_ids", chat.get("prompt_token_ids"))):
-        if value is not None and not (isinstance(value, list) and all(type(v) is int for v in value)):
+        if value is not None and not (isinstance(value, list) and _only(value, _INTS)):
             raise _malformed(where, "a list of integers or null")
     if chat.get("usage") is not None and not isinstance(chat["usage"], dict):
         raise _malformed("usage", "an object or null")
@@ -1115,10 +1125,10 @@ def extract_token_info(chat: dict, choice: dict | None = None) -> dict:
         content = (choice.get("logprobs") or {}).get("content")
         if content is None:
             raise upstream_error("vLLM returned no logprobs although the server asked for them; is this a vLLM OpenAI server?", code="token_ids_missing")
-        log_probs = [entry.get("logprob") for entry in content]
-        tokens = [entry.get("token") for entry in content]
+        log_probs = list(map(dict.get, content, itertools.repeat("logprob")))
+        tokens = list(map(dict.get, content, itertools.repeat("token")))
         from_logprobs = None
-        if all(type(t) is str and t.startswith("token_id:") for t in tokens):
+        if _only(tokens, _STRS) and all(map(str.startswith, tokens, itertools.repeat("token_id:"))):
             try:
                 from_logprobs = [int(t[9:]) for t in tokens]  # 9 == len("token_id:")
             except ValueError:
@@ -1137,8 +1147,7 @@ def extract_token_info(chat: dict, choice: dict | None = None) -> dict:
         unchecked = ("generation_log_probs",)  # the ids were checked by _first_choice or parsed as ints above
     for key in unchecked:
         values = bundle[key]
-        number = (int, float) if key == "generation_log_probs" else (int,)
-        if not isinstance(values, list) or not all(type(v) in number for v in values):  # type(): bool is not a number here
+        if not isinstance(values, list) or not _only(values, _NUMBERS if key == "generation_log_probs" else _INTS):
             raise _malformed(key, "a list of numbers" if key == "generation_log_probs" else "a list of integers")
     if len(bundle["generation_token_ids"]) != len(bundle["generation_log_probs"]):
         raise upstream_error(
