@@ -6,8 +6,10 @@ import asyncio
 import importlib.util
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
+from typing import Sequence
 
 import pytest
 from aiohttp import web
@@ -41,6 +43,26 @@ def vllm_engine():
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         tiny_engine.stop_vllm(process)
+
+
+def vllm_parses(commands: dict[str, list[str]], fields: Sequence[str]) -> dict:
+    """Each argv through vLLM's own `vllm serve` parser and its validation: name -> the parsed `fields`, or the error."""
+    script = ("import json, sys\n"
+              "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
+              "from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args\n"
+              "commands, fields = json.load(sys.stdin)\n"
+              "results = {}\n"
+              "for name, argv in commands.items():\n"
+              "    try:\n"
+              "        args = make_arg_parser(FlexibleArgumentParser()).parse_args(argv)\n"
+              "        validate_parsed_serve_args(args)\n"
+              "        results[name] = [getattr(args, field) for field in fields]\n"
+              "    except BaseException as exc:\n"
+              "        results[name] = f'{type(exc).__name__}: {exc}'\n"
+              "print(json.dumps(results))\n")
+    result = subprocess.run([sys.executable, "-c", script], input=json.dumps([commands, list(fields)]), capture_output=True,
+                            text=True, timeout=300)
+    return json.loads(result.stdout.strip().splitlines()[-1])
 
 
 # --- a fake upstream, only for what a real engine cannot produce on demand ---------------------

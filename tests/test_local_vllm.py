@@ -17,6 +17,7 @@ import gym_vllm
 import local_vllm
 from gym_vllm import ConfigError
 from local_vllm import EngineConfig
+from conftest import vllm_parses
 
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((REPO / "configs" / "local").glob("*.yaml"))
@@ -197,21 +198,7 @@ def test_vllms_own_parser_accepts_every_generated_command(vllm_engine):
                                              "max_num_seqs": 256},
                          {"VLLM_RAY_DP_PACK_STRATEGY": "strict"}, "/hf")
     commands["typed"] = local_vllm.engine_command(typed, 1, "k")[0][3:]
-    script = (
-        "import json, sys\n"
-        "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
-        "from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args\n"
-        "results = {}\n"
-        "for name, argv in json.load(sys.stdin).items():\n"
-        "    try:\n"
-        "        args = make_arg_parser(FlexibleArgumentParser()).parse_args(argv)\n"
-        "        validate_parsed_serve_args(args)\n"
-        "        results[name] = [args.model, args.port, args.tensor_parallel_size]\n"
-        "    except BaseException as exc:\n"
-        "        results[name] = f'{type(exc).__name__}: {exc}'\n"
-        "print(json.dumps(results))\n")
-    result = subprocess.run([sys.executable, "-c", script], input=json.dumps(commands), capture_output=True, text=True, timeout=300)
-    parsed = json.loads(result.stdout.strip().splitlines()[-1])
+    parsed = vllm_parses(commands, ["model", "port", "tensor_parallel_size"])
     assert set(parsed) == set(commands)
     for name, outcome in parsed.items():
         assert isinstance(outcome, list), f"{name}: {outcome}"

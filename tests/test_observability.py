@@ -9,11 +9,10 @@ import subprocess
 import sys
 
 import aiohttp
-import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import gym_vllm
-from conftest import REPO, fake_upstreams, proxy, server_config  # noqa: F401  (fixtures)
+from conftest import REPO, server_config
 import tiny_engine
 
 

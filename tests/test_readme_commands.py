@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 import tiny_engine
-from conftest import fake_upstreams, proxy, server_config, strict_client  # noqa: F401  (fixtures)
+from conftest import server_config, strict_client, vllm_parses
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -239,20 +239,7 @@ def test_readme_vllm_serve_commands_parse(vllm_engine):
     """The README's `vllm serve` lines are taken by vLLM's own argument parser and its validation."""
     commands = {c: ["--model", *shlex.split(c)[2:]] for c, r in README_COMMANDS.items() if r == "test_readme_vllm_serve_commands_parse"}
     assert len(commands) == 2
-    script = ("import json, sys\n"
-              "from vllm.utils.argparse_utils import FlexibleArgumentParser\n"
-              "from vllm.entrypoints.launchers.cli_args import make_arg_parser, validate_parsed_serve_args\n"
-              "results = {}\n"
-              "for name, argv in json.load(sys.stdin).items():\n"
-              "    try:\n"
-              "        args = make_arg_parser(FlexibleArgumentParser()).parse_args(argv)\n"
-              "        validate_parsed_serve_args(args)\n"
-              "        results[name] = [args.model, args.tool_call_parser, args.enable_auto_tool_choice]\n"
-              "    except BaseException as exc:\n"
-              "        results[name] = f'{type(exc).__name__}: {exc}'\n"
-              "print(json.dumps(results))\n")
-    result = subprocess.run([sys.executable, "-c", script], input=json.dumps(commands), capture_output=True, text=True, timeout=300)
-    parsed = json.loads(result.stdout.strip().splitlines()[-1])
+    parsed = vllm_parses(commands, ["model", "tool_call_parser", "enable_auto_tool_choice"])
     assert parsed == {c: ["Qwen/Qwen3-4B", "hermes", True] for c in commands}, parsed
 
 
