@@ -374,6 +374,8 @@ class LocalVLLM:
         self.ports = ports or PortPool()
         self.log_path = Path(log_dir) / f"{engine.name}-engine.log"
         self.upstreams = list(upstreams)     # gym_vllm upstreams to point at this engine and to mark while down
+        # The engine's lines always go to `log_path`; with echo_logs also to the logger `gym_vllm.local.engine`
+        # at INFO (prefixed with the engine's name, key masked): shown once logging is configured for INFO.
         self.echo_logs = echo_logs
         self.api_key = "gv-" + secrets.token_urlsafe(24)
         self.port: int | None = None
