@@ -23,10 +23,10 @@ Embed it in your own event loop::
     ...
     await runner.cleanup()
 
-The module reads top to bottom in data-flow order: errors, config, request conversion (Responses ->
-Chat Completions), response conversion (Chat Completions -> Responses, the ``<think>`` parser, token
-IDs), backends (round-robin with session affinity), HTTP (aiohttp handlers), embedding API, rollout
-collection (``python -m gym_vllm collect``), CLI.
+The module reads top to bottom in data-flow order: errors, JSON in and out, config, request conversion
+(Responses -> Chat Completions), response conversion (Chat Completions -> Responses, the ``<think>``
+parser, token IDs), stream conversion, backends (round-robin with session affinity), metrics (Prometheus
+text), HTTP (aiohttp handlers), embedding API, rollout collection (``python -m gym_vllm collect``), CLI.
 Every conversion is a pure function (dict in, dict out); I/O lives in the HTTP and collection sections only.
 """
 
@@ -39,6 +39,7 @@ import collections
 import contextlib
 import dataclasses
 import difflib
+import errno
 import functools
 import hashlib
 import hmac
@@ -152,6 +153,46 @@ def upstream_error(message: str, code: str = "upstream_error", status: int = 502
 
 class ConfigError(Exception):
     """A config problem, reported as one line naming the file (and line, where YAML knows it), the key and the fix."""
+
+
+# ============================================================================================
+# JSON in and out: one encoder, one decoder for the whole module.
+# ============================================================================================
+
+# One encoder for the process: json.dumps with options builds a new encoder on every call.
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
+_json_string = json.encoder.encode_basestring  # what _dumps does with a str, minus two calls
+
+
+def _json_decoder() -> tuple[str, Callable[[bytes | str], Any]]:
+    """(name, decode): msgspec's decoder when installed (vLLM depends on it; `pip install gym-vllm[fast]` otherwise)
+    unless GYM_VLLM_JSON=stdlib, else json.loads. Values are identical either way: msgspec is stricter (NaN, 1e400,
+    a BOM, lone surrogates), and what it refuses json decides. Only decoding uses it: its encoder writes some floats
+    differently from `json`. Nesting too deep for either is a ValueError, like any other bad JSON, never a crash."""
+    fast = None
+    if os.environ.get("GYM_VLLM_JSON", "auto") != "stdlib":
+        try:
+            import msgspec
+            fast, fast_error = msgspec.json.Decoder().decode, msgspec.DecodeError
+        except ImportError:
+            pass
+
+    def loads(raw: bytes | str) -> Any:
+        try:
+            if fast is not None:
+                try:
+                    return fast(raw)
+                except fast_error:
+                    pass
+            return json.loads(raw)
+        except RecursionError:
+            raise ValueError("JSON nested too deeply") from None
+
+    return ("msgspec" if fast else "json"), loads
+
+
+# JSON bodies in: 3-4x faster with msgspec (vLLM's log-prob replies are tens of KB).
+JSON_DECODER, _loads = _json_decoder()
 
 
 # ============================================================================================
@@ -998,7 +1039,7 @@ def _json_metadata(metadata: dict | None, key: str) -> dict:
     if raw is None:
         return {}
     try:
-        value = json.loads(raw) if isinstance(raw, str) else raw
+        value = _loads(raw) if isinstance(raw, str) else raw
     except ValueError:
         raise bad_request(f"`metadata.{key}` must be a JSON object encoded as a string", f"metadata.{key}") from None
     if not isinstance(value, dict):
@@ -1912,40 +1953,12 @@ METRICS_DIR_KEY = web.AppKey("metrics_dir", str)
 REQUEST_ID_KEY = web.RequestKey("request_id", str)
 STARTED_UPSTREAM_KEY = web.RequestKey("upstream_started", float)  # perf_counter() when sent to the upstream that took it
 UPSTREAM_KEY = web.RequestKey("upstream", Upstream)
+CLIENT_GONE_KEY = web.RequestKey("client_gone", bool)  # set when a stream's client disconnected
 SESSION_HEADER = "X-Session-ID"
 REQUEST_ID_HEADER = "X-Request-Id"  # kept from the client or made here; sent on to vLLM (its completion id) and back
 _VALID_REQUEST_ID = re.compile(r"[!-~]{1,128}")  # printable ASCII, no spaces: safe in logs and headers
 ENDPOINTS = ("/v1/responses", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 access_log = log.getChild("access")  # one line per request at INFO; off unless enabled (`--access-log`)
-
-
-# One encoder for the process: json.dumps with options builds a new encoder on every call.
-_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
-_json_string = json.encoder.encode_basestring  # what _dumps does with a str, minus two calls
-
-
-def _fast_json_decoder() -> Callable[[bytes], Any] | None:
-    """msgspec's decoder when installed (vLLM depends on it; `pip install gym-vllm[fast]` otherwise), unless
-    GYM_VLLM_JSON=stdlib. Only decoding uses it: its encoder writes some floats differently from `json`."""
-    if os.environ.get("GYM_VLLM_JSON", "auto") == "stdlib":
-        return None
-    try:
-        import msgspec
-    except ImportError:
-        return None
-    decode, error = msgspec.json.Decoder().decode, msgspec.DecodeError
-
-    def loads(raw: bytes) -> Any:
-        try:
-            return decode(raw)
-        except error:  # msgspec is stricter (NaN, 1e400, a BOM, lone surrogates): json decides, as without it
-            return json.loads(raw)
-
-    return loads
-
-
-# JSON bodies in: 3-4x faster with msgspec (vLLM's log-prob replies are tens of KB); values identical to json.loads.
-_loads: Callable[[bytes], Any] = _fast_json_decoder() or json.loads
 
 
 def _json_response(body: Any, status: int = 200) -> web.Response:
@@ -2062,8 +2075,10 @@ async def _chat_upstream(request: web.Request, session_id: str | None, chat_body
     upstream, response = await _send_with_failover(request, session_id, chat_body)
     if response.status == 200 and chat_body.get("stream"):
         return response
-    status, body = await _read_upstream(request, response, upstream.chat_url)
-    _observe_upstream(request)
+    try:
+        status, body = await _read_upstream(request, response, upstream.chat_url)
+    finally:  # a timeout or a broken answer is timed too: slow vLLM is what the histogram is for
+        _observe_upstream(request, upstream)
     if status != 200:
         failure = _upstream_failure(config, upstream.chat_url, status, body)
         if is_context_overflow(status, failure.message) and not config.propagate_context_overflow_errors:
@@ -2092,7 +2107,9 @@ async def _send_with_failover(request: web.Request, session_id: str | None, chat
             if failure is None:
                 raise
             break  # nothing else to try: report what went wrong with the last one
-        if attempt:
+        if attempt:  # every earlier attempt failed before vLLM could generate
+            if attempt == 1:
+                request.app[METRICS_KEY].failovers += 1  # a request moved, whatever happens next
             await asyncio.sleep(min(0.05 * 2 ** attempt, 1.0))
         request[STARTED_UPSTREAM_KEY] = time.perf_counter()
         try:
@@ -2102,11 +2119,15 @@ async def _send_with_failover(request: web.Request, session_id: str | None, chat
             tried.append(upstream)
             failure = exc
             continue
-        except ApiError as exc:
+        except ApiError as exc:  # sent, then timed out or dropped
+            _observe_upstream(request, upstream)
             balancer.record(upstream, False, exc.message)
             raise
         if response.status == 503:  # vLLM refusing work (overloaded or shutting down): it generated nothing
-            _, body = await _read_upstream(request, response, upstream.chat_url)
+            try:
+                _, body = await _read_upstream(request, response, upstream.chat_url)
+            finally:
+                _observe_upstream(request, upstream)
             failure = _upstream_failure(config, upstream.chat_url, 503, body)
             balancer.record(upstream, False, failure.message)
             tried.append(upstream)
@@ -2115,16 +2136,15 @@ async def _send_with_failover(request: web.Request, session_id: str | None, chat
         upstream.requests += 1
         request[UPSTREAM_KEY] = upstream
         if tried:
-            request.app[METRICS_KEY].failovers += 1
             log.info("server %s: request %s moved from %s to %s", config.name, request[REQUEST_ID_KEY],
                      ", ".join(u.base_url for u in tried), upstream.base_url)
         return upstream, response
     raise failure
 
 
-def _observe_upstream(request: web.Request) -> None:
-    """Records how long the upstream took, from sending the request to the end of its answer."""
-    request.app[METRICS_KEY].upstream_seconds[request[UPSTREAM_KEY].base_url].observe(time.perf_counter() - request[STARTED_UPSTREAM_KEY])
+def _observe_upstream(request: web.Request, upstream: Upstream) -> None:
+    """Records how long the upstream took, from sending the request to the end of its answer (or its failure)."""
+    request.app[METRICS_KEY].upstream_seconds[upstream.base_url].observe(time.perf_counter() - request[STARTED_UPSTREAM_KEY])
 
 
 def _set_session_cookie(response: web.Response, request: web.Request, new_session: str | None) -> web.Response:
@@ -2252,10 +2272,6 @@ class _ResponsesSSE:
     def __init__(self, machine: ResponsesStream) -> None:
         self.machine = machine
 
-    @property
-    def events(self) -> int:  # every event carries the next sequence number
-        return self.machine.sequence
-
     def start(self) -> bytes:
         return _sse_bytes(self.machine.start())
 
@@ -2278,19 +2294,16 @@ class _ChatSSE:
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.relay = ChatStreamRelay(config)
-        self.events = 0
 
     def start(self) -> bytes:
         return b""
 
     def convert(self, data: bytes) -> bytes:
-        self.events += 1
         if self.relay.needs(data) or data.startswith(b'{"error"'):  # vLLM reports mid-stream failures so
             data = _dumps(self.relay.rewrite(_parse_chunk(data))).encode()
         return b"data: " + data + b"\n\n"
 
     def finish(self) -> bytes:
-        self.events += 1
         return b"data: [DONE]\n\n"
 
     def fail(self, failure: ApiError) -> bytes:
@@ -2300,7 +2313,6 @@ class _ChatSSE:
         chunk = context_overflow_chat_response(self.config)
         chunk["object"] = "chat.completion.chunk"
         chunk["choices"][0]["delta"] = chunk["choices"][0].pop("message")
-        self.events += 1
         return f"data: {_dumps(chunk)}\n\n".encode() + self.finish()
 
 
@@ -2313,11 +2325,15 @@ async def _relay_stream(request: web.Request, upstream: aiohttp.ClientResponse |
     """
     config = request.app[CONFIG_KEY]
     events = request.app[METRICS_KEY].stream_events
-    endpoint = request.path
-    response = await _open_sse(request, new_session)
-    counted = 0
+    response: web.StreamResponse | None = None
+
+    async def send(payload: bytes) -> None:
+        await response.write(payload)
+        events[request.path] += payload.count(b"\n\n")  # events written (their JSON never holds a raw newline)
+
     try:
-        await response.write(framing.start())
+        response = await _open_sse(request, new_session)
+        await send(framing.start())
         if upstream is None:
             tail = framing.overflow()
         else:
@@ -2329,9 +2345,7 @@ async def _relay_stream(request: web.Request, upstream: aiohttp.ClientResponse |
                             converted.append(framing.convert(data))
                     finally:  # what was converted goes out, even when a later chunk of the batch failed
                         if converted:
-                            await response.write(b"".join(converted))
-                            events[endpoint] += framing.events - counted
-                            counted = framing.events
+                            await send(b"".join(converted))
                 tail = framing.finish()
             except ConnectionResetError:
                 raise
@@ -2339,15 +2353,17 @@ async def _relay_stream(request: web.Request, upstream: aiohttp.ClientResponse |
                 failure = _stream_failure(request, exc)
                 log.warning("server %s: request %s: stream failed: %s", config.name, request[REQUEST_ID_KEY], failure.message)
                 tail = framing.fail(failure)
-        await response.write(tail)
+        await send(tail)
         await response.write_eof()
     except ConnectionResetError:
+        request[CLIENT_GONE_KEY] = True
+        if response is None:  # gone before the headers: nothing to return (counted as 499)
+            raise
         log.info("server %s: request %s: client disconnected mid-stream; upstream request closed", config.name, request[REQUEST_ID_KEY])
     finally:
-        events[endpoint] += framing.events - counted
         if upstream is not None:
             upstream.close()  # a no-op after [DONE]; otherwise it aborts the generation in vLLM
-            _observe_upstream(request)
+            _observe_upstream(request, request[UPSTREAM_KEY])
     return response
 
 
@@ -2400,7 +2416,8 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     status = 499  # nginx's "client closed request", kept if the handler is cancelled
     try:
         response = await _answer(request, handler, config)
-        status = response.status
+        # 499: the client left, mid-stream or before a plain answer could be sent
+        status = 499 if request.get(CLIENT_GONE_KEY) or (not response.prepared and _client_gone(request)) else response.status
         if not response.prepared:  # a stream has sent its headers, the id among them
             response.headers[REQUEST_ID_HEADER] = request[REQUEST_ID_KEY]
         return response
@@ -2638,7 +2655,7 @@ def parse_input_line(line: str | bytes, model: str | None = None) -> tuple[dict,
     Raises ValueError with a short reason when the line holds no usable request.
     """
     try:
-        row = json.loads(line)
+        row = _loads(line)
     except ValueError as exc:  # UnicodeDecodeError is one too
         raise ValueError(f"not valid JSON ({exc})") from None
     if not isinstance(row, dict):
@@ -2671,7 +2688,7 @@ def _rollout_key(raw: bytes) -> tuple[int, int] | None:
     if not raw.strip():
         return None
     try:
-        record = json.loads(raw)
+        record = _loads(raw)
     except ValueError:
         raise ValueError("not valid JSON") from None
     if not isinstance(record, dict):
@@ -2871,9 +2888,11 @@ def _open_output(path: str, input_path: str) -> Any:
         fcntl.flock(file.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
     except ImportError:  # no flock (Windows): no guard against two collectors on one file
         pass
-    except OSError:
+    except OSError as exc:
         file.close()
-        raise CollectError(f"another collect is writing to {path}; wait for it or choose another --output") from None
+        if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN):
+            raise CollectError(f"another collect is writing to {path}; wait for it or choose another --output") from None
+        raise CollectError(f"cannot lock --output {path}: {exc.strerror or exc}") from None
     return file
 
 
@@ -3067,8 +3086,8 @@ def collect_main(argv: Sequence[str]) -> int:
                              num_repeats=args.num_repeats, api_key=args.api_key, model=args.model)
 
     try:
-        result = run_until_done(run())
-    except CollectError as exc:
+        result = run_until_done(run)
+    except (CollectError, ConfigError) as exc:  # ConfigError: GYM_VLLM_LOOP / GYM_VLLM_JSON
         print(f"gym_vllm collect: error: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:  # writing the output failed (disk full, ...)
@@ -3092,11 +3111,18 @@ def cancel_on_signals() -> None:
         loop.add_signal_handler(sig, task.cancel)
 
 
+SPEEDUP_SETTINGS = {"GYM_VLLM_LOOP": ("auto", "asyncio", "uvloop"), "GYM_VLLM_JSON": ("auto", "stdlib")}
+
+
 def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    """uvloop when installed (vLLM depends on it), unless GYM_VLLM_LOOP=asyncio; None: asyncio's own loop."""
+    """uvloop when installed (vLLM depends on it), unless GYM_VLLM_LOOP=asyncio; None: asyncio's own loop.
+
+    Every CLI calls it before starting, so it also checks GYM_VLLM_JSON (read when this module is imported)."""
+    for variable, choices in SPEEDUP_SETTINGS.items():
+        value = os.environ.get(variable, "auto")
+        if value not in choices:
+            raise ConfigError(f"{variable}={value!r} is not one of {', '.join(choices)}; unset it for the default (auto)")
     choice = os.environ.get("GYM_VLLM_LOOP", "auto")
-    if choice not in ("auto", "asyncio", "uvloop"):
-        raise ConfigError(f"GYM_VLLM_LOOP={choice!r} is not one of auto, asyncio, uvloop; unset it to use uvloop when installed")
     if choice == "asyncio":
         return None
     try:
@@ -3108,10 +3134,11 @@ def event_loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return uvloop.new_event_loop
 
 
-def run_until_done(main: Any) -> Any:
-    """Runs the CLIs' top coroutine on the chosen event loop (see `event_loop_factory`)."""
+def run_until_done(main: Callable[[], Any]) -> Any:
+    """Runs a CLI's top coroutine function on the chosen event loop (see `event_loop_factory`); a bad choice raises
+    ConfigError before the coroutine is made."""
     with asyncio.Runner(loop_factory=event_loop_factory()) as runner:
-        return runner.run(main)
+        return runner.run(main())
 
 
 class JsonLogFormatter(logging.Formatter):
@@ -3214,7 +3241,6 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def _supervise_workers(args: argparse.Namespace, argv: Sequence[str]) -> int:
     """The parent of `--workers N`: starts N copies of this command, restarts one that dies, stops all on a signal."""
-    import shutil
     import subprocess
     import tempfile
 
@@ -3268,8 +3294,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ConfigError as exc:
         print(f"gym_vllm: error: {exc}", file=sys.stderr)
         return 2
-    log.debug("event loop: %s; JSON decoding: %s", "uvloop" if loop_factory else "asyncio",
-              "json" if _loads is json.loads else "msgspec")
+    log.debug("event loop: %s; JSON decoding: %s", "uvloop" if loop_factory else "asyncio", JSON_DECODER)
     if args.workers > 1 and not args.worker_of:
         return _supervise_workers(args, argv)
 
@@ -3281,7 +3306,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             log.info("shutting down")
 
     try:
-        run_until_done(run())
+        run_until_done(run)
     except ConfigError as exc:
         print(f"gym_vllm: error: {exc}", file=sys.stderr)
         return 1

@@ -47,6 +47,15 @@ from gym_vllm import ConfigError, ServerBlock, ServerConfig
 log = gym_vllm.log.getChild("local")
 engine_output = log.getChild("engine")  # the engines' own log lines, prefixed with the engine's name
 
+
+def show_engine_output(log_format: str = "text") -> None:
+    """Engine lines are shown whatever the log level (vLLM's own tracebacks must reach the console): as vLLM wrote
+    them (after the prefix) in text, as JSON lines through the root handler in json."""
+    engine_output.setLevel(logging.INFO)
+    plain = log_format == "text"
+    engine_output.handlers[:] = [logging.StreamHandler()] if plain else []
+    engine_output.propagate = not plain
+
 # ============================================================================================
 # Config
 # ============================================================================================
@@ -375,8 +384,10 @@ class LocalVLLM:
         self.log_path = Path(log_dir) / f"{engine.name}-engine.log"
         self.upstreams = list(upstreams)     # gym_vllm upstreams to point at this engine and to mark while down
         # The engine's lines always go to `log_path`; with echo_logs also to the logger `gym_vllm.local.engine`
-        # at INFO (prefixed with the engine's name, key masked): shown once logging is configured for INFO.
+        # (prefixed with the engine's name, key masked), shown on stderr unless the embedding program set up logging.
         self.echo_logs = echo_logs
+        if echo_logs and not engine_output.handlers and not logging.getLogger().handlers:
+            show_engine_output()
         self.api_key = "gv-" + secrets.token_urlsafe(24)
         self.port: int | None = None
         self.process: asyncio.subprocess.Process | None = None
@@ -667,10 +678,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parse_args(argv)
     gym_vllm.configure_logging(args.log_level, args.log_format, args.access_log)
-    if args.log_format == "text":  # vLLM's lines carry their own time and level: shown as they are, after the prefix
-        engine_output.addHandler(logging.StreamHandler())
-        engine_output.propagate = False
+    show_engine_output(args.log_format)
     try:
+        gym_vllm.event_loop_factory()  # checks GYM_VLLM_LOOP / GYM_VLLM_JSON before anything starts
         plan = load_plan(args.config, args.env)
         overrides = {k: v for k, v in (("host", args.host), ("port", args.port)) if v is not None}
         if overrides:
@@ -694,7 +704,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
 
     try:
-        return gym_vllm.run_until_done(supervise())
+        return gym_vllm.run_until_done(supervise)
     except (EngineError, ConfigError) as exc:
         print(f"local_vllm: error: {exc}", file=sys.stderr)
         return 1

@@ -3,6 +3,7 @@
 import asyncio
 import dataclasses
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -377,3 +378,38 @@ def test_golden_commands_of_the_shipped_configs(config, monkeypatch):
         produced[engine.name] = {"argv": [a.replace(str(REPO), "<repo>") for a in argv],
                                  "env": {k: v.replace(str(REPO), "<repo>") for k, v in env.items()}}
     assert produced == json.loads((Path(__file__).parent / "golden" / f"{config.stem}.json").read_text())
+
+
+def test_embedded_supervisor_shows_engine_lines_without_logging_setup(tmp_path):
+    """`LocalVLLM(..., echo_logs=True)` in a program that configured no logging still shows the engine's lines."""
+    script = ("import asyncio, sys\n"
+              "sys.path.insert(0, 'tests')\n"
+              "import local_vllm\n"
+              "from test_local_vllm import fake_engine\n"
+              "async def main():\n"
+              f"    engine = local_vllm.LocalVLLM(fake_engine('exit_at_once'), log_dir={str(tmp_path)!r})\n"
+              "    try:\n"
+              "        await engine.start()\n"
+              "    except local_vllm.EngineError:\n"
+              "        print('start failed as expected')\n"
+              "asyncio.run(main())\n")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=REPO)
+    assert "start failed as expected" in result.stdout, result.stderr
+    assert "[fake] fake engine: failing on purpose" in result.stderr
+
+
+def test_engine_lines_are_shown_whatever_the_log_level():
+    root, output = logging.getLogger(), local_vllm.engine_output
+    saved = root.level, output.level, output.handlers[:], output.propagate
+    try:
+        root.setLevel(logging.ERROR)
+        local_vllm.show_engine_output("text")
+        assert output.isEnabledFor(logging.INFO) and len(output.handlers) == 1 and not output.propagate
+        local_vllm.show_engine_output("text")  # a second CLI run in one process adds no second handler
+        assert len(output.handlers) == 1
+        local_vllm.show_engine_output("json")  # JSON lines come from the root handler
+        assert output.isEnabledFor(logging.INFO) and output.handlers == [] and output.propagate
+    finally:
+        root.setLevel(saved[0])
+        output.setLevel(saved[1])
+        output.handlers[:], output.propagate = saved[2], saved[3]

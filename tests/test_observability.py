@@ -9,10 +9,11 @@ import subprocess
 import sys
 
 import aiohttp
+import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 import gym_vllm
-from conftest import REPO, server_config
+from conftest import REPO, assert_openai_error, server_config
 import tiny_engine
 
 
@@ -220,3 +221,83 @@ def test_access_log_is_off_by_default():
         root.handlers[:], _ = saved
         root.setLevel(saved[1])
         gym_vllm.access_log.setLevel(logging.NOTSET)
+
+
+# --- what the metrics say when things go wrong ------------------------------------------------------
+
+
+async def test_clients_that_leave_are_counted_as_499(fake_upstreams, proxy):
+    [(fake, url)] = await fake_upstreams(1)
+    base = await proxy(server_config(url))
+    received = 0
+    async with aiohttp.ClientSession() as http:  # a stream the client leaves after its first token
+        async with http.post(base + "/responses", json={"input": "slow", "stream": True}) as answer:
+            async for line in answer.content:
+                received += line.startswith(b"data: ")
+                if b"output_text.delta" in line:
+                    break
+    fake.delay = 1.0
+    async with aiohttp.ClientSession() as http:  # a plain request the client gives up on while vLLM works
+        with pytest.raises(asyncio.TimeoutError):
+            async with http.post(base + "/responses", json={"input": "hi"}, timeout=aiohttp.ClientTimeout(total=0.2)):
+                pass
+    for _ in range(50):
+        samples = await scrape(base)
+        if sum(v for (n, ls), v in samples.items() if n == "gym_vllm_requests_total" and ("status", "499") in ls) == 2:
+            break
+        await asyncio.sleep(0.1)
+    assert value(samples, "gym_vllm_requests_total", endpoint="/v1/responses", status=499) == 2
+    assert not [k for k in samples if k[0] == "gym_vllm_requests_total" and ("status", "200") in k[1]
+                and ("endpoint", "/v1/responses") in k[1]]
+    # Only what was written counts: at most what the client read plus the batch in flight when it left.
+    sent = value(samples, "gym_vllm_stream_events_total", endpoint="/v1/responses")
+    assert received <= sent < received + 10
+
+
+@pytest.mark.parametrize("path, body, events", [
+    ("/chat/completions", {"messages": [{"role": "user", "content": "error_mid"}], "stream": True}, "chat"),
+    ("/responses", {"input": "error_mid", "stream": True}, "responses")])
+async def test_events_of_a_failed_stream_are_counted_as_sent(fake_upstreams, proxy, path, body, events):
+    [(_, url)] = await fake_upstreams(1)
+    base = await proxy(server_config(url))
+    async with aiohttp.ClientSession() as http:
+        async with http.post(base + path, json=body) as answer:
+            text = await answer.text()
+    assert ("response.failed" in text) if events == "responses" else ('"error"' in text and text.endswith("data: [DONE]\n\n"))
+    assert value(await scrape(base), "gym_vllm_stream_events_total", endpoint="/v1" + path) == text.count("\n\n")
+
+
+async def test_upstream_time_includes_failures_and_refusals(fake_upstreams, proxy):
+    (refusing, refusing_url), (_, url) = await fake_upstreams(2)
+    refusing.refuse = True
+    base = await proxy(server_config([refusing_url, url], request_timeout_s=0.5, health_check_interval_s=None, eject_after_failures=5))
+    assert (await post(base, "/responses", {"input": "hang"}, **{"X-Session-ID": "a"}))[0] == 504  # vLLM too slow
+    assert (await post(base, "/responses", {"input": "hi"}, **{"X-Session-ID": "b"}))[0] == 200
+    samples = await scrape(base)
+    assert value(samples, "gym_vllm_upstream_duration_seconds_count", upstream=url) == 2  # the timeout is timed too
+    assert value(samples, "gym_vllm_upstream_duration_seconds_sum", upstream=url) >= 0.5
+    refusals = value(samples, "gym_vllm_upstream_duration_seconds_count", upstream=refusing_url)  # each 503 answer
+    assert refusals >= 1 and refusals == value(samples, "gym_vllm_failovers_total") == len(refusing.requests)
+
+
+@pytest.mark.parametrize("method, path, headers, status", [("GET", "/nowhere", {}, 404), ("GET", "/v1/responses", {}, 405),
+                                                            ("POST", "/v1/responses", {"Authorization": "Bearer wrong"}, 401)])
+async def test_every_answer_carries_the_request_id(fake_upstreams, proxy, method, path, headers, status):
+    [(_, url)] = await fake_upstreams(1)
+    base = await proxy(server_config(url, server_api_key="right") if status == 401 else server_config(url))
+    async with aiohttp.ClientSession() as http:
+        async with http.request(method, base.removesuffix("/v1") + path, json={"input": "x"},
+                                headers={"X-Request-Id": "r-1", **headers}) as answer:
+            assert answer.status == status and answer.headers["X-Request-Id"] == "r-1"
+            assert_openai_error(status, await answer.text())
+
+
+async def test_json_nested_too_deeply_is_a_400(fake_upstreams, proxy):
+    [(fake, url)] = await fake_upstreams(1)
+    base = await proxy(server_config(url))
+    async with aiohttp.ClientSession() as http:
+        async with http.post(base + "/responses", data=b"[" * 100_000 + b"]" * 100_000,
+                             headers={"Content-Type": "application/json"}) as answer:
+            assert answer.status == 400
+            assert "nested too deeply" in assert_openai_error(400, await answer.text())["message"]
+    assert fake.requests == []

@@ -40,7 +40,7 @@ def outcome(loads, raw: bytes):
         return "error", None
 
 
-@pytest.mark.skipif(gym_vllm._loads is json.loads, reason="msgspec is not installed: nothing to compare")
+@pytest.mark.skipif(gym_vllm.JSON_DECODER == "json", reason="msgspec is not installed: nothing to compare")
 @settings(max_examples=300, deadline=None)
 @given(json_values, st.sampled_from([{}, {"ensure_ascii": False}, {"indent": 1}]))
 def test_fast_decoding_gives_what_json_gives(value, options):
@@ -48,7 +48,7 @@ def test_fast_decoding_gives_what_json_gives(value, options):
     assert same(gym_vllm._loads(raw), json.loads(raw))
 
 
-@pytest.mark.skipif(gym_vllm._loads is json.loads, reason="msgspec is not installed: nothing to compare")
+@pytest.mark.skipif(gym_vllm.JSON_DECODER == "json", reason="msgspec is not installed: nothing to compare")
 @pytest.mark.parametrize("raw", [b"NaN", b"[Infinity, -Infinity]", b"1e400", b'"\\ud800"', b"\xef\xbb\xbf{}", b'{"a":1,"a":2}',
                                  '{"k": "ü"}'.encode("utf-16"), b"123456789012345678901234567890", b"-0.0", b"[1,]",
                                  b'"a\nb"', b"\xff", b"", b"{} x", b" {\"a\": [1.5e-7]} \n"])
@@ -64,23 +64,44 @@ def test_fast_decoding_accepts_and_rejects_what_json_does(raw):
     assert kind == want_kind and (kind == "error" or same(value, want))
 
 
+@pytest.mark.parametrize("raw", [b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 50_000 + b"1" + b"}" * 50_000])
+def test_nesting_too_deep_is_bad_json_not_a_crash(raw):
+    with pytest.raises(ValueError, match="nested too deeply"):
+        gym_vllm._loads(raw)
+
+
 def run_python(code: str, **env) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60, cwd=REPO,
                           env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), **env})
 
 
 def test_stdlib_json_can_be_chosen():
-    assert run_python("import gym_vllm, json; print(gym_vllm._loads is json.loads)", GYM_VLLM_JSON="stdlib").stdout.strip() == "True"
+    assert run_python("import gym_vllm; print(gym_vllm.JSON_DECODER)", GYM_VLLM_JSON="stdlib").stdout.strip() == "json"
 
 
 def test_event_loop_choice():
     code = ("import asyncio, gym_vllm\n"
             "async def kind(): return type(asyncio.get_running_loop()).__module__\n"
-            "print(gym_vllm.run_until_done(kind()))")
+            "print(gym_vllm.run_until_done(kind))")
     assert run_python(code, GYM_VLLM_LOOP="asyncio").stdout.strip().startswith("asyncio")
     default = run_python(code).stdout.strip()
     installed = importlib.util.find_spec("uvloop") is not None
     assert default.startswith("uvloop" if installed else "asyncio")
+
+
+@pytest.mark.parametrize("variable, value", [("GYM_VLLM_LOOP", "trio"), ("GYM_VLLM_JSON", "off")])
+@pytest.mark.parametrize("cli", [["gym_vllm"], ["local_vllm"], ["gym_vllm", "collect", "--url", "http://127.0.0.1:1/v1"]])
+def test_unknown_speed_up_settings_are_one_line_cli_errors(tmp_path, cli, variable, value):
+    config = tmp_path / "c.yaml"
+    config.write_text("p:\n  responses_api_models:\n    vllm_model:\n      base_url: http://127.0.0.1:1/v1\n      api_key: k\n"
+                      "      model: m\n      return_token_id_information: false\n      uses_reasoning_parser: true\n")
+    (tmp_path / "in.jsonl").write_text('{"input": "hi"}\n')
+    args = ["--input", str(tmp_path / "in.jsonl"), "--output", str(tmp_path / "out.jsonl")] if "collect" in cli else ["--config", str(config)]
+    result = subprocess.run([sys.executable, "-m", *cli, *args], capture_output=True, text=True, timeout=60, cwd=REPO,
+                            env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(REPO), variable: value})
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert f"error: {variable}={value!r} is not one of" in line
 
 
 def test_unknown_event_loop_is_a_one_line_cli_error(tmp_path):
