@@ -29,6 +29,13 @@ def children_of(pid: int) -> list[int]:
     return found
 
 
+async def scrape(port: int) -> dict:
+    """/metrics of whichever worker the kernel picks (a new connection each time), parsed by Prometheus' parser."""
+    async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
+        async with http.get(f"http://127.0.0.1:{port}/metrics") as answer:
+            return {f.name: f for f in text_string_to_metric_families(await answer.text())}
+
+
 async def test_workers_share_the_port_and_keep_sessions_on_one_upstream(fake_upstreams, tmp_path):
     upstreams = await fake_upstreams(3)
     config = tmp_path / "workers.yaml"
@@ -47,7 +54,12 @@ async def test_workers_share_the_port_and_keep_sessions_on_one_upstream(fake_ups
                             break
             except aiohttp.ClientError:
                 await asyncio.sleep(0.1)
-        assert len(children_of(parent.pid)) == 2
+        workers = {str(pid) for pid in children_of(parent.pid)}
+        assert len(workers) == 2
+        for _ in range(100):  # both listening (each shows in /metrics once it runs), so the kernel can spread requests
+            if {s.labels["worker"] for s in (await scrape(port))["process_cpu_seconds"].samples} == workers:
+                break
+            await asyncio.sleep(0.15)
         sessions = [f"session-{i}" for i in range(12)]
         for _ in range(4):  # every request on a new connection: the kernel spreads them over the workers
             for session in sessions:
@@ -61,12 +73,11 @@ async def test_workers_share_the_port_and_keep_sessions_on_one_upstream(fake_ups
         assert len({next(iter(home)) for home in homes.values()}) > 1  # and sessions are spread over upstreams
         await asyncio.sleep(1.5)  # each worker writes its figures for the others every second
         for _ in range(6):  # whichever worker answers the scrape, it shows all of them, summing to every request
-            async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as http:
-                async with http.get(f"http://127.0.0.1:{port}/metrics") as answer:
-                    families = {f.name: f for f in text_string_to_metric_families(await answer.text())}
+            families = await scrape(port)
             served = [s for s in families["gym_vllm_requests"].samples
                       if s.name == "gym_vllm_requests_total" and s.labels["endpoint"] == "/v1/responses"]
-            assert {s.labels["worker"] for s in served} == {str(pid) for pid in children_of(parent.pid)}
+            assert {s.labels["worker"] for s in families["process_cpu_seconds"].samples} == workers
+            assert {s.labels["worker"] for s in served} == workers  # 48 new connections over two listeners
             assert sum(s.value for s in served) == len(sessions) * 4
     finally:
         parent.send_signal(signal.SIGTERM)
