@@ -24,16 +24,14 @@ import asyncio
 import json
 import os
 import platform
-import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import aiohttp
 
-from harness import (Child, StartError, free_port, gym_child, interrupt, open_fds, progress, raise_nofile, rss_kib, start_all,
-                     stop_all, upstream_child)
+from harness import (Child, free_port, gym_child, open_fds, progress, raise_nofile, rss_kib, running_children, start_all,
+                     upstream_child)
 
 RESPONSES_BODY = json.dumps({"input": "hi", "max_output_tokens": 64, "bench_think_tokens": 16}).encode()
 
@@ -203,25 +201,12 @@ def main(argv: list[str] | None = None) -> int:
     if nofile < args.connections + 64:
         progress(f"WARNING: RLIMIT_NOFILE is {nofile}: too low for {args.connections} connections")
 
-    children: list[Child] = []
-    previous_sigterm = signal.signal(signal.SIGTERM, interrupt)
-    with tempfile.TemporaryDirectory(prefix="gym_vllm_idle_") as tmp:
-        workdir = Path(tmp)
-        try:
-            upstream_port, gym_port = free_port(), free_port()
-            gym = gym_child(workdir, "gym_vllm", upstream_port, gym_port)
-            start_all([upstream_child(workdir, upstream_port), gym], children)
-            result = asyncio.run(run(args, gym, gym_port))
-            result["gym_alive_at_end"] = gym.alive()
-        except StartError as exc:
-            print(f"bench_idle: error: {exc}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print("bench_idle: interrupted", file=sys.stderr)
-            return 130
-        finally:
-            stop_all(children)
-            signal.signal(signal.SIGTERM, previous_sigterm)
+    with running_children("bench_idle") as (workdir, children):
+        upstream_port, gym_port = free_port(), free_port()
+        gym = gym_child(workdir, "gym_vllm", upstream_port, gym_port)
+        start_all([upstream_child(workdir, upstream_port), gym], children)
+        result = asyncio.run(run(args, gym, gym_port))
+        result["gym_alive_at_end"] = gym.alive()
 
     result.update({"python": platform.python_version(), "aiohttp": aiohttp.__version__, "cpus": os.cpu_count()})
     print(f"\n## Idle keep-alive connections to gym_vllm (Python {result['python']}, aiohttp {result['aiohttp']})\n")

@@ -69,18 +69,15 @@ import math
 import os
 import platform
 import pstats
-import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, Callable
 
 import aiohttp
 
-from harness import (JSON_HEADERS, Child, StartError, closed_loop, fmt, foreign_load, free_port, gym_child, interrupt, open_fds,
-                     passthrough_child, percentile, progress, raise_nofile, speedups, start_all, stop_all,
-                     upstream_child)
+from harness import (JSON_HEADERS, Child, closed_loop, fmt, foreign_load, free_port, gym_child, open_fds, passthrough_child,
+                     percentile, progress, raise_nofile, running_children, speedups, start_all, upstream_child)
 
 TOOLS = [
     {"type": "function", "name": "get_weather", "description": "Current weather for a city.",
@@ -493,47 +490,31 @@ def _json_safe(value: Any) -> Any:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    children: list[Child] = []
     # Each connection is a descriptor: the load generator holds C, a proxy 2·C (client and upstream side).
     nofile = raise_nofile(4 * max(args.levels) + 1024)
     if nofile < 2 * max(args.levels) + 256:
         progress(f"WARNING: RLIMIT_NOFILE is {nofile}: too low for C={max(args.levels)}; expect connection errors")
-    previous_sigterm = signal.signal(signal.SIGTERM, interrupt)
     background = foreign_load()
     if background > 0.1:
         progress(f"WARNING: {background:.2f} cores were already busy before the benchmark started; "
                  f"results will be noisy (see the `other cores` column)")
-    with tempfile.TemporaryDirectory(prefix="gym_vllm_bench_") as tmp:
-        workdir = Path(tmp)
-        try:
-            ports = {"upstream": args.upstream_port or free_port(), "passthrough": free_port(), "gym": free_port(),
-                     "gym_ids": free_port()}
-            upstream = upstream_child(workdir, ports["upstream"])
-            passthrough = passthrough_child(workdir, ports["passthrough"], ports["upstream"], profile=args.profile_passthrough)
-            gym = gym_child(workdir, "gym_vllm", ports["upstream"], ports["gym"], profile=args.profile_gym, launcher=args.gym_launcher)
-            gym_ids = gym_child(workdir, "gym_vllm_ids", ports["upstream"], ports["gym_ids"], token_ids=True,
-                                profile=args.profile_gym_ids, launcher=args.gym_launcher)
-            start_all([upstream, passthrough, gym, gym_ids], children)
-            pids = {"upstream": upstream.pid, "passthrough": passthrough.pid, "gym": gym.pid, "gym_ids": gym_ids.pid}
-            if args.compare_pid:
-                pids["compare"] = args.compare_pid
-            progress("started: " + ", ".join(f"{c.name} :{ports[k]} (pid {c.pid})" for k, c in
-                                             zip(("upstream", "passthrough", "gym", "gym_ids"), children)))
-            targets = build_targets(args, ports)
-            results = asyncio.run(measure(args, targets, pids, children))
-            add_baselines(results)
-        except StartError as exc:
-            print(f"bench_proxy: error: {exc}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print("bench_proxy: interrupted", file=sys.stderr)
-            return 130
-        finally:
-            stop_all(children)
-            signal.signal(signal.SIGTERM, previous_sigterm)
-            crashed = [c for c in children if c.process is not None and c.process.returncode not in (0, -signal.SIGTERM)]
-            for child in crashed:
-                progress(f"NOTE: {child.name} ended with code {child.process.returncode}; stderr tail:\n{child.stderr_tail(10)}")
+    with running_children("bench_proxy") as (workdir, children):
+        ports = {"upstream": args.upstream_port or free_port(), "passthrough": free_port(), "gym": free_port(),
+                 "gym_ids": free_port()}
+        upstream = upstream_child(workdir, ports["upstream"])
+        passthrough = passthrough_child(workdir, ports["passthrough"], ports["upstream"], profile=args.profile_passthrough)
+        gym = gym_child(workdir, "gym_vllm", ports["upstream"], ports["gym"], profile=args.profile_gym, launcher=args.gym_launcher)
+        gym_ids = gym_child(workdir, "gym_vllm_ids", ports["upstream"], ports["gym_ids"], token_ids=True,
+                            profile=args.profile_gym_ids, launcher=args.gym_launcher)
+        start_all([upstream, passthrough, gym, gym_ids], children)
+        pids = {"upstream": upstream.pid, "passthrough": passthrough.pid, "gym": gym.pid, "gym_ids": gym_ids.pid}
+        if args.compare_pid:
+            pids["compare"] = args.compare_pid
+        progress("started: " + ", ".join(f"{c.name} :{ports[k]} (pid {c.pid})" for k, c in
+                                         zip(("upstream", "passthrough", "gym", "gym_ids"), children)))
+        targets = build_targets(args, ports)
+        results = asyncio.run(measure(args, targets, pids, children))
+        add_baselines(results)
 
     setup = {"tokens": args.tokens, "think_tokens": args.think_tokens, "tool_calls": args.tool_calls, "ids_tokens": args.ids_tokens,
              "seconds": args.seconds, "warmup": args.warmup, "levels": args.levels, "compare_url": args.compare_url,

@@ -34,19 +34,16 @@ import json
 import math
 import os
 import platform
-import signal
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Callable
 
 import aiohttp
 
-from harness import (JSON_HEADERS, Child, StartError, closed_loop, foreign_load, free_port, gym_child, passthrough_child,
-                     percentile, print_profile, progress, speedups, start_all, stop_all, upstream_child)
+from harness import (JSON_HEADERS, Child, closed_loop, foreign_load, free_port, gym_child, passthrough_child, percentile,
+                     print_profile, progress, running_children, speedups, start_all, upstream_child)
 from harness import fmt as _fmt
-from harness import interrupt as _interrupt
 
 
 # ============================================================================================
@@ -291,35 +288,22 @@ async def measure(args: argparse.Namespace, targets: list[Target], upstream: Chi
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    children: list[Child] = []
-    previous_sigterm = signal.signal(signal.SIGTERM, _interrupt)
     background = foreign_load()
     if background > 0.1:
         progress(f"WARNING: {background:.2f} cores were already busy before the benchmark started; "
                  f"results will be noisy (see the `other cores` column)")
-    with tempfile.TemporaryDirectory(prefix="gym_vllm_bench_") as tmp:
-        workdir = Path(tmp)
-        try:
-            upstream_port, pass_port, gym_port = free_port(), free_port(), free_port()
-            upstream = upstream_child(workdir, upstream_port, args.token_delay_ms, args.think_tokens)
-            passthrough = passthrough_child(workdir, pass_port, upstream_port)
-            gym = gym_child(workdir, "gym_vllm", upstream_port, gym_port, profile=args.profile_gym, launcher=args.gym_launcher)
-            start_all([upstream, passthrough, gym], children)
-            progress(f"started: fake_upstream :{upstream_port} (pid {upstream.pid}), passthrough :{pass_port} "
-                     f"(pid {passthrough.pid}), gym_vllm :{gym_port} (pid {gym.pid})")
+    with running_children("bench_stream") as (workdir, children):
+        upstream_port, pass_port, gym_port = free_port(), free_port(), free_port()
+        upstream = upstream_child(workdir, upstream_port, args.token_delay_ms, args.think_tokens)
+        passthrough = passthrough_child(workdir, pass_port, upstream_port)
+        gym = gym_child(workdir, "gym_vllm", upstream_port, gym_port, profile=args.profile_gym, launcher=args.gym_launcher)
+        start_all([upstream, passthrough, gym], children)
+        progress(f"started: fake_upstream :{upstream_port} (pid {upstream.pid}), passthrough :{pass_port} "
+                 f"(pid {passthrough.pid}), gym_vllm :{gym_port} (pid {gym.pid})")
 
-            targets = build_targets(args, upstream_port, pass_port, gym_port, passthrough, gym)
-            results = asyncio.run(measure(args, targets, upstream, progress))
-            add_ratios(results)
-        except StartError as exc:
-            print(f"bench_stream: error: {exc}", file=sys.stderr)
-            return 1
-        except KeyboardInterrupt:
-            print("bench_stream: interrupted", file=sys.stderr)
-            return 130
-        finally:
-            stop_all(children)
-            signal.signal(signal.SIGTERM, previous_sigterm)
+        targets = build_targets(args, upstream_port, pass_port, gym_port, passthrough, gym)
+        results = asyncio.run(measure(args, targets, upstream, progress))
+        add_ratios(results)
 
     setup = {"tokens": args.tokens, "seconds": args.seconds, "warmup": args.warmup, "think_tokens": args.think_tokens,
              "token_delay_ms": args.token_delay_ms, "cpus": os.cpu_count(), "python": platform.python_version(),

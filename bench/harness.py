@@ -26,11 +26,12 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Generic, Sequence, TypeVar
+from typing import Any, Awaitable, Callable, Generic, Iterator, Sequence, TypeVar
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -329,3 +330,32 @@ def progress(line: str) -> None:
 def interrupt(signum: int, frame: Any) -> None:
     """SIGTERM behaves like Ctrl-C: unwind, stopping the children on the way out."""
     raise KeyboardInterrupt
+
+
+@contextlib.contextmanager
+def running_children(script: str) -> Iterator[tuple[Path, list[Child]]]:
+    """A benchmark's work folder and the list its children go into; every child is stopped on the way out.
+
+    SIGTERM is Ctrl-C meanwhile. A child that cannot start exits 1, an interruption 130 (SystemExit),
+    each with one line on stderr; a child that crashed gets its stderr tail reported.
+    """
+    children: list[Child] = []
+    previous_sigterm = signal.signal(signal.SIGTERM, interrupt)
+    start_error: StartError | None = None
+    with tempfile.TemporaryDirectory(prefix="gym_vllm_bench_") as tmp:
+        try:
+            yield Path(tmp), children
+        except StartError as exc:
+            start_error = exc
+            print(f"{script}: error: {exc}", file=sys.stderr)  # carries the child's stderr tail already
+            raise SystemExit(1) from None
+        except KeyboardInterrupt:
+            print(f"{script}: interrupted", file=sys.stderr)
+            raise SystemExit(130) from None
+        finally:
+            stop_all(children)
+            signal.signal(signal.SIGTERM, previous_sigterm)
+            for child in children if start_error is None else ():
+                if child.process is not None and child.process.returncode not in (0, -signal.SIGTERM):
+                    progress(f"NOTE: {child.name} ended with code {child.process.returncode}; "
+                             f"stderr tail:\n{child.stderr_tail(10)}")
