@@ -2047,15 +2047,26 @@ async def _post_upstream(request: web.Request, url: str, payload: dict) -> tuple
     return await _read_upstream(request, await _open_upstream(request, url, payload), url)
 
 
+def _error_message(body: Any) -> str | None:
+    """The message of an error reply: an OpenAI error object, a bare `error` or `message` (NeMo Gym's 500s, vLLM's
+    401), FastAPI's `detail`, or a text body. None when there is none (the proxy and `collect` both read replies)."""
+    if isinstance(body, str):
+        return body or None
+    if isinstance(body, dict):
+        for key in ("error", "message", "detail"):
+            value = body.get(key)
+            if isinstance(value, dict):
+                if value.get("message"):
+                    return str(value["message"])
+            elif value:
+                return str(value)
+    return None
+
+
 def _upstream_failure(config: ServerConfig, url: str, status: int, body: Any) -> ApiError:
     """Maps an upstream non-200 to the client's error: 4xx keep status and message, the rest are 502."""
     error = body.get("error") if isinstance(body, dict) else None
-    if isinstance(error, dict):
-        message = str(error.get("message") or error)
-    elif isinstance(body, dict):
-        message = str(body.get("message") or body.get("detail") or error or body)
-    else:
-        message = str(body)
+    message = _error_message(body) or str(error or body)
     if status in (401, 403):
         return upstream_error(f"vLLM at {url} rejected the api_key of server `{config.name}` ({config.source}); "
                               f"set `api_key` to the key vllm serve was started with", code="upstream_auth_failed")
@@ -2727,19 +2738,6 @@ def resume_state(lines: Iterable[bytes]) -> ResumeState:
         offset += len(raw)
         ends_mid_line = not raw.endswith(b"\n")
     return ResumeState(done, offset, torn_line=False, ends_mid_line=ends_mid_line)
-
-
-def _error_message(body: Any) -> str | None:
-    """The message of an OpenAI error object, a bare string error (NeMo Gym's 500s) or FastAPI's `detail`."""
-    if isinstance(body, str):
-        return body
-    if isinstance(body, dict):
-        error = body.get("error", body.get("detail"))
-        if isinstance(error, dict) and error.get("message"):
-            return str(error["message"])
-        if isinstance(error, str):
-            return error
-    return None
 
 
 def response_from_reply(status: int, raw: bytes) -> tuple[dict | None, str | None]:
