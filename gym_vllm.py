@@ -1846,10 +1846,10 @@ def _labels(labels: dict) -> str:
 
 
 class Metrics:
-    """What one server has done since it started. Handlers count into it; `exposition()` renders it.
+    """What one server has done since it started. Handlers count into it; `families()` lists it for `render_families`.
 
-    Families are built as (name, type, help, sample lines) so that the expositions of several worker
-    processes can be merged family by family (`merge_expositions`).
+    Families are built as (name, type, help, sample lines) so that those of several worker processes
+    can be merged family by family (`merge_families`).
     """
 
     def __init__(self, server: str) -> None:
@@ -1868,7 +1868,10 @@ class Metrics:
         def sample(name: str, value: float, **labels: Any) -> str:
             return f"{name}{_labels({**base, **labels})} {value}"
 
-        def histogram(name: str, histograms: dict[str, Histogram], label: str) -> list[str]:
+        def family(name: str, kind: str, help_text: str, rows: Iterable[tuple[float, dict]]) -> tuple[str, str, str, list[str]]:
+            return name, kind, help_text, [sample(name, value, **labels) for value, labels in rows]
+
+        def histogram(name: str, help_text: str, histograms: dict[str, Histogram], label: str) -> tuple[str, str, str, list[str]]:
             lines = []
             for key, hist in sorted(histograms.items()):
                 cumulative = 0
@@ -1877,38 +1880,36 @@ class Metrics:
                     lines.append(sample(f"{name}_bucket", cumulative, **{label: key, "le": bound if bound == "+Inf" else f"{bound:g}"}))
                 lines.append(sample(f"{name}_sum", hist.sum, **{label: key}))
                 lines.append(sample(f"{name}_count", cumulative, **{label: key}))
-            return lines
+            return name, "histogram", help_text, lines
 
         upstreams = balancer.upstreams
         return [
-            ("gym_vllm_requests_total", "counter", "Requests answered, by endpoint and HTTP status.",
-             [sample("gym_vllm_requests_total", n, endpoint=e, status=s) for (e, s), n in sorted(self.requests.items())]),
-            ("gym_vllm_requests_in_flight", "gauge", "Requests being handled now, by endpoint.",
-             [sample("gym_vllm_requests_in_flight", n, endpoint=e) for e, n in sorted(self.in_flight.items())]),
-            ("gym_vllm_request_duration_seconds", "histogram", "Time from request to the last byte of the answer (streams included).",
-             histogram("gym_vllm_request_duration_seconds", self.request_seconds, "endpoint")),
-            ("gym_vllm_upstream_duration_seconds", "histogram", "Time from sending to vLLM to the end of its answer, by upstream.",
-             histogram("gym_vllm_upstream_duration_seconds", self.upstream_seconds, "upstream")),
-            ("gym_vllm_stream_events_total", "counter", "SSE events sent to clients, by endpoint.",
-             [sample("gym_vllm_stream_events_total", n, endpoint=e) for e, n in sorted(self.stream_events.items())]),
-            ("gym_vllm_context_overflows_total", "counter", "Prompts over the context length answered as empty incomplete replies.",
-             [sample("gym_vllm_context_overflows_total", self.context_overflows)]),
-            ("gym_vllm_failovers_total", "counter", "Requests moved to another upstream because the first could not take them.",
-             [sample("gym_vllm_failovers_total", self.failovers)]),
-            ("gym_vllm_upstream_requests_total", "counter", "Requests sent to each upstream.",
-             [sample("gym_vllm_upstream_requests_total", u.requests, upstream=u.base_url) for u in upstreams]),
-            ("gym_vllm_upstream_healthy", "gauge", "1 while the upstream takes requests (not ejected, not restarting), else 0.",
-             [sample("gym_vllm_upstream_healthy", int(u.usable), upstream=u.base_url) for u in upstreams]),
-            ("gym_vllm_upstream_ejections_total", "counter", "Times the upstream was ejected after failures in a row.",
-             [sample("gym_vllm_upstream_ejections_total", u.ejections, upstream=u.base_url) for u in upstreams]),
-            ("gym_vllm_engine_restarts_total", "counter", "Restarts of the vLLM engine behind the upstream (local_vllm only).",
-             [sample("gym_vllm_engine_restarts_total", u.restarts, upstream=u.base_url) for u in upstreams]),
-            ("gym_vllm_sessions", "gauge", "Entries in the session-affinity table.",
-             [sample("gym_vllm_sessions", len(balancer.sessions))]),
-            ("process_cpu_seconds_total", "counter", "CPU time (user and system) of this process.",
-             [sample("process_cpu_seconds_total", round(time.process_time(), 3))]),
-            ("process_resident_memory_bytes", "gauge", "Resident memory of this process.",
-             [sample("process_resident_memory_bytes", _resident_bytes())]),
+            family("gym_vllm_requests_total", "counter", "Requests answered, by endpoint and HTTP status.",
+                   ((n, {"endpoint": e, "status": s}) for (e, s), n in sorted(self.requests.items()))),
+            family("gym_vllm_requests_in_flight", "gauge", "Requests being handled now, by endpoint.",
+                   ((n, {"endpoint": e}) for e, n in sorted(self.in_flight.items()))),
+            histogram("gym_vllm_request_duration_seconds", "Time from request to the last byte of the answer (streams included).",
+                      self.request_seconds, "endpoint"),
+            histogram("gym_vllm_upstream_duration_seconds", "Time from sending to vLLM to the end of its answer, by upstream.",
+                      self.upstream_seconds, "upstream"),
+            family("gym_vllm_stream_events_total", "counter", "SSE events sent to clients, by endpoint.",
+                   ((n, {"endpoint": e}) for e, n in sorted(self.stream_events.items()))),
+            family("gym_vllm_context_overflows_total", "counter", "Prompts over the context length answered as empty incomplete replies.",
+                   [(self.context_overflows, {})]),
+            family("gym_vllm_failovers_total", "counter", "Requests moved to another upstream because the first could not take them.",
+                   [(self.failovers, {})]),
+            family("gym_vllm_upstream_requests_total", "counter", "Requests sent to each upstream.",
+                   ((u.requests, {"upstream": u.base_url}) for u in upstreams)),
+            family("gym_vllm_upstream_healthy", "gauge", "1 while the upstream takes requests (not ejected, not restarting), else 0.",
+                   ((int(u.usable), {"upstream": u.base_url}) for u in upstreams)),
+            family("gym_vllm_upstream_ejections_total", "counter", "Times the upstream was ejected after failures in a row.",
+                   ((u.ejections, {"upstream": u.base_url}) for u in upstreams)),
+            family("gym_vllm_engine_restarts_total", "counter", "Restarts of the vLLM engine behind the upstream (local_vllm only).",
+                   ((u.restarts, {"upstream": u.base_url}) for u in upstreams)),
+            family("gym_vllm_sessions", "gauge", "Entries in the session-affinity table.", [(len(balancer.sessions), {})]),
+            family("process_cpu_seconds_total", "counter", "CPU time (user and system) of this process.",
+                   [(round(time.process_time(), 3), {})]),
+            family("process_resident_memory_bytes", "gauge", "Resident memory of this process.", [(_resident_bytes(), {})]),
         ]
 
 
