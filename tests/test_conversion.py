@@ -4,6 +4,7 @@ import dataclasses
 import re
 
 import pytest
+from hypothesis import given, settings, strategies as st
 
 import gym_vllm
 from gym_vllm import ApiError, ServerConfig
@@ -258,6 +259,16 @@ def test_think_parser(text, blocks, rest):
     assert gym_vllm.split_think_blocks(text) == (blocks, rest)
 
 
+REFERENCE_THINK_BLOCK = re.compile(r"<think>(.*?)</think>", re.DOTALL)  # the reference parser's pattern
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(st.sampled_from(["<think>", "</think>", "<think", "think>", "</", "<", ">", "a", " ", "\n", "é"]), max_size=14))
+def test_think_parser_splits_like_the_reference_regex(pieces):
+    text = "".join(pieces)
+    assert gym_vllm.split_think_blocks(text) == (REFERENCE_THINK_BLOCK.findall(text), REFERENCE_THINK_BLOCK.sub("", text))
+
+
 # --- response conversion --------------------------------------------------------------------
 
 
@@ -393,6 +404,25 @@ def test_inconsistent_token_data_is_a_502(mutate, code):
     with pytest.raises(ApiError) as info:
         gym_vllm.chat_response_to_responses(chat, {"input": "q"}, TRAIN)
     assert (info.value.status, info.value.code) == (502, code)
+
+
+@pytest.mark.parametrize("tokens", [["token_id:5", "token_id:06"], ["token_id:5", "token_id:+6"], ["token_id:5", "token_id: 6"]])
+def test_token_ids_spelled_unusually_in_logprob_tokens_still_agree(tokens):
+    chat = with_tokens(completion())
+    for entry, token in zip(chat["choices"][0]["logprobs"]["content"], tokens):
+        entry["token"] = token
+    assert gym_vllm.extract_token_info(chat)["generation_token_ids"] == [5, 6]
+
+
+token_texts = st.one_of(st.integers(0, 200).map("token_id:{}".format), st.sampled_from(["token_id:1,token_id:2", "", ",", "token_id:"]),
+                        st.text(max_size=4))
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(st.none(), st.lists(st.integers(0, 200), max_size=5)), st.lists(token_texts, max_size=5))
+def test_logprob_token_spelling_check_is_exact(ids, tokens):
+    expected = ids is not None and tokens == [f"token_id:{i}" for i in ids]
+    assert gym_vllm._spelled_as_logprob_tokens(ids, tokens) == expected
 
 
 def test_chat_endpoint_response_postprocessing():

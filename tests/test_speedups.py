@@ -113,3 +113,10 @@ def test_unknown_event_loop_is_a_one_line_cli_error(tmp_path):
     assert result.returncode == 2
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("gym_vllm: error: GYM_VLLM_LOOP='trio' is not one of")
+
+
+def test_clis_run_with_startup_objects_frozen_and_rare_collections():
+    code = ("import gc, gym_vllm\n"
+            "async def main(): return gc.get_threshold(), gc.get_freeze_count() > 1000\n"
+            "print(gym_vllm.run_until_done(main))")
+    assert run_python(code).stdout.strip() == str((gym_vllm.GC_THRESHOLDS, True))
