@@ -135,6 +135,7 @@ README_COMMANDS = {
     ".venv/bin/python bench/bench_proxy.py --concurrency 1,64,256,1024 --seconds 5": "test_readme_bench_commands",
     ".venv/bin/python bench/bench_idle.py": "test_readme_bench_commands",
     ".venv/bin/python bench/bench_sessions.py": "test_readme_bench_commands",
+    ".venv/bin/python bench/bench_instructions.py": "test_readme_bench_instructions_command",
 }
 
 
@@ -256,3 +257,17 @@ def test_readme_bench_commands(command):
     result = run_shell(f"{command.replace('.venv/bin/python', sys.executable)} {BENCH_SHORT[script]}", REPO, timeout=300)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     assert "|" in result.stdout or "MiB" in result.stdout, result.stdout[-2000:]
+
+
+@pytest.mark.skipif(not shutil.which("valgrind"), reason="valgrind is not installed (apt-get install valgrind)")
+def test_readme_bench_instructions_command(tmp_path):
+    """The instruction counter as the README gives it, on two targets and a few requests: gym_vllm's /v1/responses
+    parses, converts and re-encodes, so it must execute more instructions per request than the pass-through."""
+    command = next(c for c, r in README_COMMANDS.items() if r == "test_readme_bench_instructions_command")
+    out = tmp_path / "instructions.json"
+    result = run_shell(f"{command.replace('.venv/bin/python', sys.executable)} --requests 20 --warmup 5 "
+                       f"--targets passthrough,gym-resp --json {out}", REPO, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = {row["target"]: row["k_instructions"] for row in json.loads(out.read_text())["rows"]}
+    assert 100 < rows["passthrough"] < rows["gym-resp"], rows
+    assert "| gym_vllm responses | this checkout |" in result.stdout
