@@ -2,7 +2,7 @@
 
 Run it (from the repository root)::
 
-    .venv/bin/python bench/bench_proxy.py [--concurrency 1,64,256,1024] [--seconds 6] [--json out.json]
+    .venv/bin/python bench/bench_proxy.py [--concurrency 1,64,256,1024] [--seconds 6] [--rounds 3] [--json out.json]
                                           [--compare-url URL [--compare-pid PID]]
 
 It starts four processes on free ports: `bench/fake_upstream.py` (a cheap vLLM look-alike),
@@ -38,6 +38,10 @@ concurrent priming requests; then C workers send requests back to back for `--wa
 `--seconds` and only requests that end inside the window count. Every request is validated: HTTP 200,
 a JSON body with the expected `object`, and the probe's shape (finish reason/status, item types and
 token-id counts); anything else is an error, counted and kept by kind.
+
+`--rounds N` runs every level's cells N times, in alternating order (forward, backward, ...), and reports each
+cell's median round by proxy CPU per request (direct cells: by p50), with the range over the rounds: a single
+round on a small shared machine can be off by ±20%.
 
 Reported per cell: req/s, p50/p99 latency, the added p50 (this target's p50 minus the direct cell's at
 the same C), errors, and the proxy process's CPU seconds per 1,000 requests (utime+stime from
@@ -296,6 +300,7 @@ class Result:
     other_cores: float           # machine busy CPU outside proxy+upstream+load generator, in cores
     added_p50_ms: float | None = None
     vs_passthrough: float | None = None
+    cpu_s_per_1k_rounds: list[float] = dataclasses.field(default_factory=list)  # every round's, with --rounds > 1
 
 
 def _error_kind(error: str) -> str:
@@ -372,6 +377,11 @@ def add_baselines(results: list[Result]) -> None:
 # ============================================================================================
 
 
+def _spread(result: Result) -> str:
+    rounds = result.cpu_s_per_1k_rounds
+    return f" ({min(rounds):.3f}–{max(rounds):.3f})" if len(rounds) > 1 else ""
+
+
 def markdown_table(results: list[Result]) -> str:
     header = ("| C | target | req/s | p50 ms | p99 ms | added p50 ms | errors | proxy CPU s/1k req | × passthrough "
               "| proxy cores | upstream CPU s/1k | loadgen CPU s/1k | other cores | server sockets | reply bytes |")
@@ -383,7 +393,7 @@ def markdown_table(results: list[Result]) -> str:
         errors = str(r.errors) + (f" ({', '.join(f'{k}×{v}' for k, v in r.error_kinds.items())})" if r.errors else "")
         rows.append("| " + " | ".join([
             str(r.concurrency), r.label, fmt(r.requests_per_s, ".0f"), fmt(r.p50_ms, ".2f"), fmt(r.p99_ms, ".2f"),
-            fmt(r.added_p50_ms, "+.2f"), errors, fmt(r.proxy_cpu_s_per_1k, ".3f"), fmt(r.vs_passthrough, ".2f", "×"),
+            fmt(r.added_p50_ms, "+.2f"), errors, fmt(r.proxy_cpu_s_per_1k, ".3f") + _spread(r), fmt(r.vs_passthrough, ".2f", "×"),
             fmt(r.proxy_cores, ".2f"), fmt(r.upstream_cpu_s_per_1k, ".3f"), fmt(r.loadgen_cpu_s_per_1k, ".3f"),
             fmt(r.other_cores, ".2f"), fmt(r.server_sockets, "d"), str(r.reply_bytes),
         ]) + " |")
@@ -414,6 +424,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--concurrency", default="1,64,256,1024", help="comma-separated concurrency levels (default 1,64,256,1024)")
     parser.add_argument("--seconds", type=float, default=6.0, help="measured seconds per target and level (default 6)")
     parser.add_argument("--warmup", type=float, default=1.0, help="seconds dropped before measuring (default 1)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run every cell this many times, in alternating order, and report the median round (default 1)")
     parser.add_argument("--targets", default=",".join(ALL_TARGETS), help=f"subset of {','.join(ALL_TARGETS)} (default: all)")
     parser.add_argument("--tokens", type=int, default=64, help="tokens per answer of the plain and tools shapes (default 64)")
     parser.add_argument("--think-tokens", type=int, default=16, help="tokens inside the leading <think> block (default 16)")
@@ -449,31 +461,47 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown --targets: {', '.join(sorted(unknown))}")
     if args.tokens < 1 or args.ids_tokens < 1 or args.think_tokens < 0 or args.tool_calls < 0:
         parser.error("--tokens and --ids-tokens must be >= 1, --think-tokens and --tool-calls >= 0")
-    if args.seconds <= 0 or args.warmup < 0:
-        parser.error("--seconds must be > 0, --warmup >= 0")
+    if args.seconds <= 0 or args.warmup < 0 or args.rounds < 1:
+        parser.error("--seconds must be > 0, --warmup >= 0, --rounds >= 1")
     if args.compare_pid and not os.path.exists(f"/proc/{args.compare_pid}/stat"):
         parser.error(f"--compare-pid {args.compare_pid}: no such process")
     return args
 
 
+def median_round(rounds: list[Result]) -> Result:
+    """The round reported for a cell: the median by proxy CPU per request (by p50 for the direct cells, which have no
+    proxy), with every round's CPU figure attached; failed rounds count only when all failed."""
+    ran = [r for r in rounds if not r.failed] or rounds
+    key = (lambda r: r.p50_ms) if ran[0].proxy_cpu_s_per_1k is None else (lambda r: r.proxy_cpu_s_per_1k)
+    chosen = sorted(ran, key=key)[(len(ran) - 1) // 2]
+    chosen.cpu_s_per_1k_rounds = [r.proxy_cpu_s_per_1k for r in ran if r.proxy_cpu_s_per_1k is not None]
+    return chosen
+
+
 async def measure(args: argparse.Namespace, targets: list[Target], pids: dict[str, int], children: list[Child]) -> list[Result]:
+    """Every target at every level, `--rounds` times in alternating order (so no target always runs first or last
+    on a warming or cooling machine); the median round of each cell is reported."""
     results: list[Result] = []
     for level in args.levels:
-        for target in targets:
-            dead = [c.name for c in children if not c.alive()]
-            if dead:
-                result = _failed(target, level, f"process(es) exited: {', '.join(dead)}")
-            else:
-                result = await run_cell(target, pids, level, args)
-            results.append(result)
-            if result.failed:
-                progress(f"C={level:<5} {target.label:<30} FAILED: {result.failed}")
-            else:
-                progress(f"C={level:<5} {target.label:<30} {result.requests_per_s:8.0f} req/s  p50 {result.p50_ms:8.2f} ms"
-                         f"  p99 {result.p99_ms:8.2f} ms  proxy {fmt(result.proxy_cpu_s_per_1k, '.3f')} s/1k"
-                         f"  errors {result.errors}" + (f" ({result.first_error[:200]})" if result.errors else "")
-                         + (f"  [priming: {result.prime_errors} errors]" if result.prime_errors else ""))
-            await asyncio.sleep(0.3)
+        rounds: dict[str, list[Result]] = collections.defaultdict(list)
+        for round_index in range(args.rounds):
+            for target in targets if round_index % 2 == 0 else targets[::-1]:
+                dead = [c.name for c in children if not c.alive()]
+                if dead:
+                    result = _failed(target, level, f"process(es) exited: {', '.join(dead)}")
+                else:
+                    result = await run_cell(target, pids, level, args)
+                rounds[target.key].append(result)
+                prefix = f"C={level:<5} {target.label:<30}" + (f" round {round_index + 1}" if args.rounds > 1 else "")
+                if result.failed:
+                    progress(f"{prefix} FAILED: {result.failed}")
+                else:
+                    progress(f"{prefix} {result.requests_per_s:8.0f} req/s  p50 {result.p50_ms:8.2f} ms"
+                             f"  p99 {result.p99_ms:8.2f} ms  proxy {fmt(result.proxy_cpu_s_per_1k, '.3f')} s/1k"
+                             f"  errors {result.errors}" + (f" ({result.first_error[:200]})" if result.errors else "")
+                             + (f"  [priming: {result.prime_errors} errors]" if result.prime_errors else ""))
+                await asyncio.sleep(0.3)
+        results += [median_round(rounds[target.key]) for target in targets]
     return results
 
 
@@ -517,16 +545,18 @@ def main(argv: list[str] | None = None) -> int:
         add_baselines(results)
 
     setup = {"tokens": args.tokens, "think_tokens": args.think_tokens, "tool_calls": args.tool_calls, "ids_tokens": args.ids_tokens,
-             "seconds": args.seconds, "warmup": args.warmup, "levels": args.levels, "compare_url": args.compare_url,
+             "seconds": args.seconds, "warmup": args.warmup, "rounds": args.rounds, "levels": args.levels, "compare_url": args.compare_url,
              "cpus": os.cpu_count(), "python": platform.python_version(), "aiohttp": aiohttp.__version__, "speedups": speedups(),
              "profiled": bool(args.profile_gym or args.profile_gym_ids or args.profile_passthrough), "busy_cores_before_start": round(background, 3)}
     print(f"\n## Non-streaming benchmark: {args.tokens}-token answers with a {args.think_tokens}-token <think> block "
           f"({args.ids_tokens} with token ids), {args.seconds:g} s per cell after {args.warmup:g} s warm-up, "
-          f"{os.cpu_count()} CPUs, Python {setup['python']}, aiohttp {setup['aiohttp']}, {setup['speedups']}, "
+          + (f"median of {args.rounds} rounds in alternating order, " if args.rounds > 1 else "")
+          + f"{os.cpu_count()} CPUs, Python {setup['python']}, aiohttp {setup['aiohttp']}, {setup['speedups']}, "
           f"{background:.2f} cores busy before start\n")
     print(markdown_table(results))
     print("\nadded p50: this cell's p50 minus the direct cell's of the same shape at the same C. proxy CPU: utime+stime of "
-          "the proxy process over the window, in CPU seconds per 1,000 validated requests; × passthrough: over the "
+          "the proxy process over the window, in CPU seconds per 1,000 validated requests (with --rounds, the median round's, "
+          "then the rounds' range); × passthrough: over the "
           "pass-through's of the same shape at the same C. proxy cores: its CPU seconds per second. other cores: machine "
           "CPU outside proxy+upstream+load generator (kernel networking, the idle proxies, other jobs). server sockets: "
           "open sockets of the proxy (direct: the upstream) right after the window, client and upstream side together. "

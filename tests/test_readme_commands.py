@@ -4,6 +4,7 @@
 """
 
 import asyncio
+import dataclasses
 import json
 import os
 import re
@@ -132,7 +133,7 @@ README_COMMANDS = {
     "python -m gym_vllm collect --url http://127.0.0.1:8080/v1 --input prompts.jsonl --output rollouts.jsonl --num-repeats 4":
         "test_collect.py::test_the_readme_command",
     ".venv/bin/python bench/bench_stream.py --tokens 256 --concurrency 1,16,64 --seconds 6": "test_readme_bench_commands",
-    ".venv/bin/python bench/bench_proxy.py --concurrency 1,64,256,1024 --seconds 5": "test_readme_bench_commands",
+    ".venv/bin/python bench/bench_proxy.py --concurrency 1,64,256,1024 --seconds 5 --rounds 3": "test_readme_bench_commands",
     ".venv/bin/python bench/bench_idle.py": "test_readme_bench_commands",
     ".venv/bin/python bench/bench_sessions.py": "test_readme_bench_commands",
     ".venv/bin/python bench/bench_instructions.py": "test_readme_bench_instructions_command",
@@ -245,7 +246,7 @@ def test_readme_vllm_serve_commands_parse(vllm_engine):
 
 
 BENCH_SHORT = {"bench_stream.py": "--seconds 0.3 --warmup 0.1 --concurrency 1 --tokens 16",
-               "bench_proxy.py": "--seconds 0.3 --warmup 0.1 --concurrency 1",
+               "bench_proxy.py": "--seconds 0.3 --warmup 0.1 --concurrency 1 --rounds 2",
                "bench_idle.py": "--connections 16 --batch 8 --settle 0.1 --warmup-requests 2",
                "bench_sessions.py": "--sessions 20000"}
 
@@ -271,3 +272,21 @@ def test_readme_bench_instructions_command(tmp_path):
     rows = {row["target"]: row["k_instructions"] for row in json.loads(out.read_text())["rows"]}
     assert 100 < rows["passthrough"] < rows["gym-resp"], rows
     assert "| gym_vllm responses | this checkout |" in result.stdout
+
+
+def test_bench_proxy_reports_the_median_round():
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import bench_proxy
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    target = bench_proxy.Target("gym-resp", "gym_vllm responses", "plain", "http://x", b"{}", "gym", "response",
+                                bench_proxy.responses_signature, None)
+    failed = bench_proxy._failed(target, 64, "probe: boom")
+    rounds = [dataclasses.replace(failed, failed="", proxy_cpu_s_per_1k=cpu, p50_ms=p50) for cpu, p50 in ((0.3, 1.0), (0.5, 2.0), (0.2, 3.0))]
+    chosen = bench_proxy.median_round([rounds[0], failed, rounds[1], rounds[2]])
+    assert (chosen.proxy_cpu_s_per_1k, chosen.p50_ms, chosen.cpu_s_per_1k_rounds) == (0.3, 1.0, [0.3, 0.5, 0.2])
+    assert bench_proxy._spread(chosen) == " (0.200–0.500)"
+    direct = [dataclasses.replace(r, proxy_cpu_s_per_1k=None) for r in rounds]  # no proxy: the median by p50
+    assert bench_proxy.median_round(direct).p50_ms == 2.0
+    assert bench_proxy.median_round([failed]).failed == "probe: boom"
