@@ -1,6 +1,8 @@
 """Pure conversion tests: dicts in, dicts out, no I/O (the h11 way)."""
 
 import dataclasses
+import json
+import random
 import re
 
 import pytest
@@ -423,6 +425,49 @@ token_texts = st.one_of(st.integers(0, 200).map("token_id:{}".format), st.sample
 def test_logprob_token_spelling_check_is_exact(ids, tokens):
     expected = ids is not None and tokens == [f"token_id:{i}" for i in ids]
     assert gym_vllm._spelled_as_logprob_tokens(ids, tokens) == expected
+
+
+def vllm_reply(**changes):
+    """A vLLM 0.32-shaped token-ID reply: reasoning in the text, a tool call, log-prob entries with bytes."""
+    chat = with_tokens(completion("<think>r</think>x", "tool_calls",
+                                  [{"id": "t1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]))
+    for entry in chat["choices"][0]["logprobs"]["content"]:
+        entry.update(bytes=[120, 121], top_logprobs=[])
+    chat.update(service_tier=None, prompt_logprobs=None, kv_transfer_params=None)
+    chat["choices"][0].update(stop_reason=None)
+    for path, value in changes.items():  # "choices.0.logprobs": value
+        *parents, key = path.split(".")
+        node = chat
+        for part in parents:
+            node = node[int(part) if part.isdigit() else part]
+        node[int(key) if key.isdigit() else key] = value
+    return chat
+
+
+@pytest.mark.parametrize("config", [BASE, TRAIN], ids=["plain", "token-ids"])
+@pytest.mark.parametrize("changes", [
+    {}, {"choices": None}, {"choices": [5]}, {"choices": []}, {"choices.0.logprobs": "x"}, {"choices.0.logprobs.content": [5]},
+    {"choices.0.logprobs.content": None}, {"choices.0.logprobs": None}, {"choices.0.token_ids": ["a", "b"]},
+    {"choices.0.token_ids": [5, 7]}, {"choices.0.message": None}, {"choices.0.message.content": 5}, {"usage": 5},
+    {"prompt_token_ids": None}, {"choices.0.logprobs.content.0.logprob": "x"}, {"created": "soon"},
+], ids=lambda changes: ",".join(changes) or "as-vllm-sends-it")
+def test_decoding_only_what_a_response_reads_converts_the_same(config, changes):
+    raw = json.dumps(vllm_reply(**changes)).encode()
+
+    def convert(chat):
+        random.seed(7)  # the same item ids on both sides
+        try:
+            return gym_vllm.chat_response_to_responses(chat, {"input": "q"}, config)
+        except ApiError as exc:
+            return exc.status, exc.code, exc.message
+
+    assert convert(gym_vllm._loads(raw, gym_vllm.CompletionForResponse)) == convert(gym_vllm._loads(raw))
+
+
+def test_a_created_that_is_not_a_number_is_a_502_not_an_internal_error():
+    with pytest.raises(ApiError) as info:
+        gym_vllm.chat_response_to_responses(vllm_reply(created="soon"), {"input": "q"}, BASE)
+    assert (info.value.status, info.value.message) == (502, "vLLM returned a malformed chat completion: `created` should be a number or null")
 
 
 def test_chat_endpoint_response_postprocessing():

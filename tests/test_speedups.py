@@ -64,6 +64,24 @@ def test_fast_decoding_accepts_and_rejects_what_json_does(raw):
     assert kind == want_kind and (kind == "error" or same(value, want))
 
 
+@pytest.mark.skipif(gym_vllm.JSON_DECODER == "json", reason="msgspec is not installed: nothing is skipped")
+def test_schema_decoding_builds_only_what_the_schema_names():
+    reply = {"id": "c", "created": 1, "choices": [{"index": 0, "message": {"content": "x", "extra": [1]}, "finish_reason": "length",
+             "token_ids": [5], "logprobs": {"content": [{"token": "token_id:5", "logprob": -0.5, "bytes": [120],
+                                                         "top_logprobs": []}]}}], "usage": None, "prompt_token_ids": [1]}
+    lean = gym_vllm._loads(json.dumps(reply).encode(), gym_vllm.CompletionForResponse)
+    assert lean == {"created": 1, "choices": [{"message": {"content": "x", "extra": [1]}, "finish_reason": "length", "token_ids": [5],
+                                              "logprobs": {"content": [{"token": "token_id:5", "logprob": -0.5}]}}],
+                    "usage": None, "prompt_token_ids": [1]}
+    for other_shape in (b'{"choices": 5, "x": 1}', b'{"choices": [{"logprobs": {"content": [1]}}]}', b'[1]', b'{"created": NaN}'):
+        assert same(gym_vllm._loads(other_shape, gym_vllm.CompletionForResponse), json.loads(other_shape))
+
+
+def test_schema_decoding_without_msgspec_decodes_everything():
+    code = ("import gym_vllm; print(gym_vllm._loads(b'{\"choices\": [{\"index\": 0}], \"x\": 1}', gym_vllm.CompletionForResponse))")
+    assert run_python(code, GYM_VLLM_JSON="stdlib").stdout.strip() == "{'choices': [{'index': 0}], 'x': 1}"
+
+
 @pytest.mark.parametrize("raw", [b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 50_000 + b"1" + b"}" * 50_000])
 def test_nesting_too_deep_is_bad_json_not_a_crash(raw):
     with pytest.raises(ValueError, match="nested too deeply"):
