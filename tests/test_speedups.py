@@ -64,6 +64,12 @@ def test_fast_decoding_accepts_and_rejects_what_json_does(raw):
     assert kind == want_kind and (kind == "error" or same(value, want))
 
 
+@settings(max_examples=300, deadline=None)
+@given(json_values)
+def test_encoding_writes_what_json_dumps_writes(value):
+    assert gym_vllm._dumps(value) == json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
 @pytest.mark.skipif(gym_vllm.JSON_DECODER == "json", reason="msgspec is not installed: nothing is skipped")
 def test_schema_decoding_builds_only_what_the_schema_names():
     reply = {"id": "c", "created": 1, "choices": [{"index": 0, "message": {"content": "x", "extra": [1]}, "finish_reason": "length",
