@@ -2038,9 +2038,14 @@ async def _read_json_object(request: web.Request) -> dict:
     return body
 
 
+def _plain_name(server_name: str) -> str:
+    """The server's name in letters, digits and `_` only: safe in a cookie name and a file name."""
+    return re.sub(r"[^A-Za-z0-9_]", "_", server_name)
+
+
 @functools.lru_cache(maxsize=64)
 def _cookie_name(server_name: str) -> str:
-    return f"gym_vllm_{re.sub(r'[^A-Za-z0-9_]', '_', server_name)}"
+    return f"gym_vllm_{_plain_name(server_name)}"
 
 
 def _session_of(request: web.Request, config: ServerConfig) -> tuple[str | None, str | None]:
@@ -2546,8 +2551,15 @@ async def _answer(request: web.Request, handler, config: ServerConfig) -> web.St
 METRICS_SNAPSHOT_INTERVAL_S = 1.0
 
 
-def _metrics_file_prefix(server_name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_]", "_", server_name) + "."
+def _metrics_file_name(server_name: str, pid: int) -> str:
+    """`<server>.<pid>.json`: one worker's figures for one server."""
+    return f"{_plain_name(server_name)}.{pid}.json"
+
+
+def _metrics_file_owner(file_name: str) -> tuple[str, str] | None:
+    """(server, pid) of a name `_metrics_file_name` made (the server part has no dots); None for any other file."""
+    parts = file_name.split(".")
+    return (parts[0], parts[1]) if len(parts) == 3 and parts[2] == "json" else None
 
 
 def _worker_families(app: web.Application) -> list:
@@ -2556,10 +2568,11 @@ def _worker_families(app: web.Application) -> list:
 
 def _read_worker_snapshots(folder: str, server_name: str) -> list[list]:
     """The other workers' latest figures for this server (a torn or vanished file is skipped: the next scrape has it)."""
-    prefix, own = _metrics_file_prefix(server_name), f"{os.getpid()}.json"
+    server, own = _plain_name(server_name), str(os.getpid())
     snapshots = []
     for name in os.listdir(folder):
-        if name.startswith(prefix) and name.endswith(".json") and name[len(prefix):] != own:
+        owner = _metrics_file_owner(name)
+        if owner and owner[0] == server and owner[1] != own:
             try:
                 with open(os.path.join(folder, name)) as file:
                     snapshots.append(json.load(file))
@@ -2570,7 +2583,7 @@ def _read_worker_snapshots(folder: str, server_name: str) -> list[list]:
 
 async def _write_metrics_snapshots(app: web.Application):
     folder = app[METRICS_DIR_KEY]
-    path = os.path.join(folder, f"{_metrics_file_prefix(app[CONFIG_KEY].name)}{os.getpid()}.json")
+    path = os.path.join(folder, _metrics_file_name(app[CONFIG_KEY].name, os.getpid()))
 
     def write() -> None:
         with open(path + ".tmp", "w") as file:
@@ -3261,6 +3274,15 @@ def new_parser(prog: str, description: str) -> argparse.ArgumentParser:
     return parser
 
 
+def add_config_arguments(parser: argparse.ArgumentParser, description: str) -> Any:
+    """The Config group of both CLIs, `--config` and `--env` (returned, for local_vllm's `--dry-run`)."""
+    files = parser.add_argument_group("Config", description)
+    files.add_argument("--config", action="append", required=True, metavar="FILE[,FILE]",
+                       help="config file(s); repeat or separate with commas")
+    files.add_argument("--env", metavar="FILE", help="variables for ${name} (default: ./env.yaml if present)")
+    return files
+
+
 def add_logging_arguments(parser: argparse.ArgumentParser) -> Any:
     """The Logging group of both CLIs (returned, for local_vllm's own additions)."""
     logs = parser.add_argument_group("Logging")
@@ -3292,11 +3314,8 @@ INTERPOLATION_HELP = ("`${name}` comes from --env or top-level scalars of the co
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = new_parser("gym_vllm", "The OpenAI Responses API in front of vLLM: one server per `vllm_model` block of the "
                                     "config files, each on its own port. Rollout collection: python -m gym_vllm collect --help.")
-    files = parser.add_argument_group("Config", "NeMo Gym's shape: `<server>: {responses_api_models: {vllm_model: {...}}}`, "
-                                                "keys below; later files win key by key.")
-    files.add_argument("--config", action="append", required=True, metavar="FILE[,FILE]",
-                       help="config file(s); repeat or separate with commas")
-    files.add_argument("--env", metavar="FILE", help="variables for ${name} (default: ./env.yaml if present)")
+    add_config_arguments(parser, "NeMo Gym's shape: `<server>: {responses_api_models: {vllm_model: {...}}}`, "
+                                 "keys below; later files win key by key.")
     server = parser.add_argument_group("Server", "Overrides for a config with a single server.")
     server.add_argument("--host", help="listen host (default: the config's `host`, 127.0.0.1)")
     server.add_argument("--port", type=int, help="listen port (default: the config's `port`, 8080)")
@@ -3336,7 +3355,8 @@ def _supervise_workers(args: argparse.Namespace, argv: Sequence[str]) -> int:
             if worker.poll() is not None and not stopping:
                 log.error("worker %d exited with code %s; starting a new one", worker.pid, worker.returncode)
                 for name in os.listdir(metrics_dir):  # its figures leave with it
-                    if name.endswith(f".{worker.pid}.json"):
+                    owner = _metrics_file_owner(name)
+                    if owner and owner[1] == str(worker.pid):
                         os.remove(os.path.join(metrics_dir, name))
                 time.sleep(1)
                 workers[i] = subprocess.Popen(command)

@@ -612,9 +612,9 @@ async def run(plan: Plan, log_dir: str | Path = "local_vllm_logs") -> int:
         for server, _ in plan.servers:
             runners.append(await gym_vllm.start_server(apps[server.name][gym_vllm.CONFIG_KEY], app=apps[server.name]))
         for server, _ in plan.servers:
-            log.info("ready: curl http://%s:%d/v1/responses -H 'Content-Type: application/json' -d '{\"input\": \"Hello\"}'",
-                     "127.0.0.1" if server.host in ("0.0.0.0", "") else server.host, server.port)
-            log.info("metrics: http://%s:%d/metrics (the proxy)", "127.0.0.1" if server.host in ("0.0.0.0", "") else server.host, server.port)
+            address = f"{'127.0.0.1' if server.host in ('0.0.0.0', '') else server.host}:{server.port}"  # reachable from here
+            log.info("ready: curl http://%s/v1/responses -H 'Content-Type: application/json' -d '{\"input\": \"Hello\"}'", address)
+            log.info("metrics: http://%s/metrics (the proxy)", address)
         for engine in engines.values():
             log.info("metrics: %s/metrics (vLLM engine %s)", engine.base_url.removesuffix("/v1"), engine.engine.name)
         watchers = [asyncio.create_task(engine.gave_up.wait()) for engine in engines.values()]
@@ -653,12 +653,9 @@ def dry_run(plan: Plan) -> str:
 def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser = gym_vllm.new_parser("local_vllm", "Start vLLM (`vllm serve`) under a supervisor and the Responses API proxy "
                                                "in front of it, for each `local_vllm_model` block of the config files.")
-    files = parser.add_argument_group("Config", "NeMo Gym's shape: `<server>: {responses_api_models: {local_vllm_model: "
-                                                "{...}}}`, keys below; `vllm_model` servers may share an engine with "
-                                                "`base_url: local:<server>`; an evaluator `deployment:` block also works.")
-    files.add_argument("--config", action="append", required=True, metavar="FILE[,FILE]",
-                       help="config file(s); repeat or separate with commas")
-    files.add_argument("--env", metavar="FILE", help="variables for ${name} (default: ./env.yaml if present)")
+    files = gym_vllm.add_config_arguments(parser, "NeMo Gym's shape: `<server>: {responses_api_models: {local_vllm_model: "
+                                                  "{...}}}`, keys below; `vllm_model` servers may share an engine with "
+                                                  "`base_url: local:<server>`; an evaluator `deployment:` block also works.")
     files.add_argument("--dry-run", action="store_true", help="print each engine's command and each server, start nothing")
     server = parser.add_argument_group("Server", "Overrides for a config with a single server.")
     server.add_argument("--host", help="the proxy's listen host, 0.0.0.0 in a container (default: the config's `host`, "

@@ -37,24 +37,23 @@ from pathlib import Path
 import aiohttp
 
 import bench_proxy
-from harness import Child, fmt, free_port, gym_config, progress, running_children, speedups, start_all, upstream_child
+from harness import (Child, fmt, free_port, gym_child, passthrough_child, progress, running_children, speedups, start_all,
+                     upstream_child)
 
 TARGETS = ("passthrough", "gym-chat", "gym-resp", "passthrough-tools", "gym-resp-tools", "passthrough-ids", "gym-resp-ids")
-ROOT = Path(__file__).resolve().parent.parent
 
 
-def proxy_child(workdir: Path, name: str, target: bench_proxy.Target, upstream_port: int, port: int, src: str | None) -> Child:
-    """The target's proxy on `port`, under callgrind with instrumentation off; `src`: a gym_vllm.py to run instead of ours."""
-    valgrind = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={workdir / name}.callgrind"]
+def proxy_child(workdir: Path, label: str, target: bench_proxy.Target, upstream_port: int, port: int,
+                src: str | None) -> tuple[Child, Path]:
+    """The target's proxy on `port` (the benchmarks' own command; `src`: a gym_vllm.py to run instead of ours) under
+    callgrind with instrumentation off, and the path its dumps start with."""
     if target.proxy == "passthrough":
-        command = [sys.executable, str(ROOT / "bench" / "passthrough.py"), "--port", str(port),
-                   "--upstream", f"http://127.0.0.1:{upstream_port}"]
+        child = passthrough_child(workdir, port, upstream_port)
     else:
-        config = workdir / f"{name}.yaml"
-        config.write_text(gym_config(upstream_port, port, token_ids=target.proxy == "gym_ids"))
-        entry = [src] if src else ["-m", "gym_vllm"]
-        command = [sys.executable, *entry, "--config", str(config), "--log-level", "WARNING"]
-    return Child(name, [*valgrind, *command], f"http://127.0.0.1:{port}/health", workdir)
+        child = gym_child(workdir, label, upstream_port, port, token_ids=target.proxy == "gym_ids", launcher=src)
+    dump = workdir / f"{label}.callgrind"
+    child.argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={dump}", *child.argv]
+    return child, dump
 
 
 def callgrind(*args: str) -> None:
@@ -69,7 +68,7 @@ def instructions_in(dump: Path) -> int:
     raise RuntimeError(f"{dump} has no totals line")
 
 
-async def count(target: bench_proxy.Target, child: Child, requests: int, warmup: int) -> int:
+async def count(target: bench_proxy.Target, child: Child, dump: Path, requests: int, warmup: int) -> int:
     """Instructions the proxy executed for `requests` checked requests, one after another."""
     async with aiohttp.ClientSession() as session:
         expected, _ = await bench_proxy.probe(session, target)
@@ -81,7 +80,7 @@ async def count(target: bench_proxy.Target, child: Child, requests: int, warmup:
                 if not sample.ok:
                     raise RuntimeError(f"{target.label}: {phase} request failed: {sample.error}")
     callgrind("-d", str(child.pid))
-    dumps = sorted(child.stderr_path.parent.glob(f"{child.name}.callgrind.*"))
+    dumps = sorted(dump.parent.glob(f"{dump.name}.*"))  # `-d` writes <dump>.1; the final one at exit comes later
     if not dumps:
         raise RuntimeError(f"{child.name}: callgrind wrote no dump")
     return instructions_in(dumps[0])
@@ -137,11 +136,11 @@ def main(argv: list[str] | None = None) -> int:
             if args.compare_src and target.proxy != "passthrough":
                 sources.append((args.compare_src, str(Path(args.compare_src).resolve())))
             for source, src in sources:
-                child = proxy_child(workdir, f"{target.key}-{len(rows)}", target, upstream_port, port, src)
+                child, dump = proxy_child(workdir, f"{target.key}-{len(rows)}", target, upstream_port, port, src)
                 children.append(child)
                 child.start()
                 child.wait_ready(timeout_s=180)  # start-up under valgrind
-                total = asyncio.run(count(target, child, args.requests, args.warmup))
+                total = asyncio.run(count(target, child, dump, args.requests, args.warmup))
                 child.stop()
                 row = {"target": target.key, "label": target.label, "shape": target.shape, "proxy": target.proxy,
                        "source": source, "k_instructions": total / args.requests / 1000}

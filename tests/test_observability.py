@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import subprocess
 import sys
 
@@ -301,3 +302,14 @@ async def test_json_nested_too_deeply_is_a_400(fake_upstreams, proxy):
             assert answer.status == 400
             assert "nested too deeply" in assert_openai_error(400, await answer.text())["message"]
     assert fake.requests == []
+
+
+def test_worker_snapshots_are_the_other_workers_files_of_this_server(tmp_path):
+    own, other = os.getpid(), os.getpid() + 1
+    families = [["gym_vllm_sessions", "gauge", "h", ['gym_vllm_sessions{server="a b"} 1']]]
+    for server, pid in (("a b", own), ("a b", other), ("other", other)):
+        (tmp_path / gym_vllm._metrics_file_name(server, pid)).write_text(json.dumps(families))
+    (tmp_path / (gym_vllm._metrics_file_name("a b", other + 1) + ".tmp")).write_text("{")  # being written: not read
+    (tmp_path / gym_vllm._metrics_file_name("a b", other + 2)).write_text("[")  # torn: skipped until the next scrape
+    assert gym_vllm._metrics_file_name("a b", other) == f"a_b.{other}.json"
+    assert gym_vllm._read_worker_snapshots(str(tmp_path), "a b") == [families]

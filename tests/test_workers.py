@@ -79,6 +79,17 @@ async def test_workers_share_the_port_and_keep_sessions_on_one_upstream(fake_ups
             assert {s.labels["worker"] for s in families["process_cpu_seconds"].samples} == workers
             assert {s.labels["worker"] for s in served} == workers  # 48 new connections over two listeners
             assert sum(s.value for s in served) == len(sessions) * 4
+        # A worker that dies takes its figures with it; its replacement writes its own.
+        cmdline = Path(f"/proc/{min(workers)}/cmdline").read_text().split("\0")
+        metrics_dir = Path(cmdline[cmdline.index("--worker-metrics-dir") + 1])
+        assert sorted(p.name for p in metrics_dir.iterdir()) == sorted(f"policy_model.{pid}.json" for pid in workers)
+        os.kill(int(min(workers)), signal.SIGKILL)
+        for _ in range(100):
+            now = {str(pid) for pid in children_of(parent.pid)}
+            if len(now) == 2 and min(workers) not in now and len(list(metrics_dir.glob("*.json"))) == 2:
+                break
+            await asyncio.sleep(0.1)
+        assert sorted(p.name for p in metrics_dir.glob("*.json")) == sorted(f"policy_model.{pid}.json" for pid in now)
     finally:
         parent.send_signal(signal.SIGTERM)
         _, stderr = parent.communicate(timeout=60)
