@@ -6,8 +6,11 @@ rest is checked by shape, ids and determinism.
 
 import json
 
+import aiohttp
 import openai
 import pytest
+
+import gym_vllm
 
 from conftest import VLLM_API_KEY, server_config, strict_client
 
@@ -56,6 +59,22 @@ async def test_forced_think_block_becomes_a_reasoning_item(vllm_engine, proxy):
     assert [item.type for item in response.output] == ["reasoning", "message"]
     assert response.output[0].summary[0].text == "abc" and response.output[0].content[0].text == "abc"
     assert response.output_text == "hello"
+
+
+async def test_vllms_token_id_reply_fits_what_a_response_decodes(vllm_engine):
+    """The lean decoding of `/v1/responses` (gym_vllm.CompletionForResponse) must fit real vLLM replies: a reply it
+    does not fit is still converted right (decoded in full), but the saving is lost without a sign."""
+    msgspec = pytest.importorskip("msgspec")
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "logprobs": True, "top_logprobs": 0,
+            "return_token_ids": True, "return_tokens_as_token_ids": True}
+    async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {VLLM_API_KEY}"}) as http:
+        async with http.post(f"{vllm_engine}/chat/completions", json=body) as answer:
+            assert answer.status == 200
+            raw = await answer.read()
+    lean = msgspec.json.Decoder(gym_vllm.CompletionForResponse).decode(raw)  # ValidationError if vLLM's shape moved
+    choice = lean["choices"][0]
+    assert [set(entry) for entry in choice["logprobs"]["content"]] == [{"token", "logprob"}] * len(choice["token_ids"])
+    assert lean["prompt_token_ids"] and choice["message"]["role"] == "assistant"
 
 
 async def test_token_ids_equal_vllms_own(vllm_engine, proxy):
