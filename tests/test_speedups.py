@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+import typing
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -70,6 +71,18 @@ def test_encoding_writes_what_json_dumps_writes(value):
     assert gym_vllm._dumps(value) == json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
+@settings(max_examples=100, deadline=None)
+@given(json_values)
+def test_encoding_without_the_c_accelerator_writes_the_same(value):
+    original = json.encoder.c_make_encoder
+    json.encoder.c_make_encoder = None  # as on a Python built without _json
+    try:
+        encode = gym_vllm._json_encoder()
+    finally:
+        json.encoder.c_make_encoder = original
+    assert encode(value) == gym_vllm._dumps(value) == json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
 @pytest.mark.skipif(gym_vllm.JSON_DECODER == "json", reason="msgspec is not installed: nothing is skipped")
 def test_schema_decoding_builds_only_what_the_schema_names():
     reply = {"id": "c", "created": 1, "choices": [{"index": 0, "message": {"content": "x", "extra": [1]}, "finish_reason": "length",
@@ -81,6 +94,20 @@ def test_schema_decoding_builds_only_what_the_schema_names():
                     "usage": None, "prompt_token_ids": [1]}
     for other_shape in (b'{"choices": 5, "x": 1}', b'{"choices": [{"logprobs": {"content": [1]}}]}', b'[1]', b'{"created": NaN}'):
         assert same(gym_vllm._loads(other_shape, gym_vllm.CompletionForResponse), json.loads(other_shape))
+
+
+def test_schema_types_resolve_without_the_module_namespace():
+    """msgspec resolves string annotations in sys.modules[__module__]; under `python -m cProfile -m gym_vllm` that is
+    cProfile's module, and every token-ID request was a 500 (NameError). The schema's types must be objects."""
+    def names_to_resolve(annotation):
+        if isinstance(annotation, (str, typing.ForwardRef)):
+            yield annotation
+        for arg in typing.get_args(annotation):
+            yield from names_to_resolve(arg)
+
+    for schema in (gym_vllm.CompletionForResponse, gym_vllm._ChoiceRead, gym_vllm._LogprobsRead, gym_vllm._LogprobRead):
+        assert schema.__annotations__ and not [name for annotation in schema.__annotations__.values()
+                                               for name in names_to_resolve(annotation)], schema
 
 
 def test_schema_decoding_without_msgspec_decodes_everything():
