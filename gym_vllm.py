@@ -219,6 +219,26 @@ def _json_decoder() -> tuple[str, Callable[..., Any]]:
 JSON_DECODER, _loads = _json_decoder()
 
 
+LONE_SURROGATE = ("holds a lone UTF-16 surrogate escape (like \\ud800) in a string; no UTF-8 text can carry it: send "
+                  "a complete pair or the character itself")
+
+
+def _holds_lone_surrogate(raw: bytes | str, value: Any) -> bool:
+    """Whether `value`, decoded from `raw`, holds a str that cannot be encoded as UTF-8.
+
+    `"\\ud800"` is valid JSON and json.loads makes it such a str: refused where it comes in, not a 500 (or a crashed
+    `collect`) when it is sent on. Checked in full only when `raw` has a surrogate escape at all; pairs, which clients
+    that escape non-ASCII send for emoji, are fine."""
+    markers = (b"\\ud", b"\\uD") if isinstance(raw, bytes) else ("\\ud", "\\uD")
+    if markers[0] not in raw and markers[1] not in raw:
+        return False
+    try:
+        _dumps(value).encode()
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
 # ============================================================================================
 # Config: NeMo Gym's shape, `<server>: {responses_api_models: {vllm_model: {...}}}`.
 # ============================================================================================
@@ -2035,6 +2055,8 @@ async def _read_json_object(request: web.Request) -> dict:
         raise bad_request(f"request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise bad_request("request body must be a JSON object")
+    if _holds_lone_surrogate(raw, body):
+        raise bad_request(f"request body {LONE_SURROGATE}")
     return body
 
 
@@ -2750,6 +2772,8 @@ def parse_input_line(line: str | bytes, model: str | None = None) -> tuple[dict,
         raise ValueError(f"not valid JSON ({exc})") from None
     if not isinstance(row, dict):
         raise ValueError(f"not a JSON object but {_json_type(row)}")
+    if _holds_lone_surrogate(line, row):
+        raise ValueError(LONE_SURROGATE)
     nested = "responses_create_params" in row
     params = row["responses_create_params"] if nested else row
     where = "`responses_create_params`" if nested else "the line"

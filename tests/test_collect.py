@@ -84,11 +84,14 @@ def test_input_line_shapes():
     assert request == {"input": "q", "model": "m"} and record == {"responses_create_params": request, "answer": 4}
     request, record = gym_vllm.parse_input_line(b'{"input": [], "model": "mine"}', "m")
     assert request == {"input": [], "model": "mine"} and record == {"responses_create_params": request}
+    request, _ = gym_vllm.parse_input_line(b'{"input": "\\ud83d\\ude00"}')  # an escaped pair is one character
+    assert request == {"input": "\U0001F600"}
     for line, reason in [("{", "not valid JSON"), ("[1]", "not a JSON object but an array"), (b"\xff", "not valid JSON"),
                          ('{"messages": []}', "the line has no `input`"),
                          ('{"responses_create_params": {}}', "`responses_create_params` has no `input`"),
                          ('{"responses_create_params": "q"}', "is a string, not an object"),
-                         ('{"input": 3}', "`input` is a number")]:
+                         ('{"input": 3}', "`input` is a number"), ('{"input": "\\ud800"}', "lone UTF-16 surrogate"),
+                         (b'{"input": "q", "metadata": {"a": "\\uDC00"}}', "lone UTF-16 surrogate")]:
         with pytest.raises(ValueError, match=re.escape(reason)):
             gym_vllm.parse_input_line(line)
 

@@ -127,6 +127,9 @@ async def test_context_overflow_is_an_incomplete_reply_or_propagated(fake_upstre
     ("POST", "/v1/responses", b'{"input": [{"type": "computer_call"}]}', 400),
     ("POST", "/v1/responses", b'{"input": "q", "max_output_tokens": "many"}', 400),
     ("POST", "/v1/chat/completions", b'{"messages": "hi"}', 400),
+    ("POST", "/v1/responses", b'{"input": "a\\ud800b"}', 400),  # a lone surrogate escape: valid JSON, no UTF-8 for it
+    ("POST", "/v1/responses", b'{"input": "ok", "metadata": {"\\uDFFF": "key"}}', 400),
+    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "seed_note": "\\udc00"}', 400),
     ("POST", "/v1/responses", b'{"input": "' + b"x" * (2 * 1024 * 1024) + b'"}', 413),
     ("GET", "/v1/responses", None, 405),
     ("GET", "/v1/nothing", None, 404),
@@ -140,6 +143,18 @@ async def test_bad_input_gets_openai_errors_and_the_server_keeps_serving(fake_up
             assert_openai_error(status, await answer.json())
         async with http.post(base + "/v1/responses", json={"input": "fine"}) as answer:
             assert answer.status == 200
+
+
+async def test_escaped_surrogate_pairs_are_characters(fake_upstreams, proxy):
+    """Clients that escape non-ASCII (json.dumps' default) send emoji as surrogate pairs: those are fine."""
+    [(fake, url)] = await fake_upstreams(1)
+    base = await proxy(server_config(url))
+    async with aiohttp.ClientSession() as http:
+        async with http.post(base + "/responses", data=b'{"input": "x\\ud83d\\ude00", "instructions": "\\ud83d\\ude00"}',
+                             headers={"Content-Type": "application/json"}) as answer:
+            assert answer.status == 200
+            assert (await answer.json())["instructions"] == "\U0001F600"
+    assert fake.requests[-1]["messages"][-1]["content"] == "x\U0001F600"
 
 
 async def test_session_affinity_by_cookie_and_header(fake_upstreams, proxy):
