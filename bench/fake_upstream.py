@@ -15,7 +15,9 @@ proxy in front of it is the only thing that does real work. Shapes follow what v
   chunk when `stream_options.include_usage`, then `data: [DONE]`.
 
 `return_token_ids: true` adds `prompt_token_ids` and per-choice/per-chunk `token_ids`; `logprobs: true`
-adds `logprobs.content` entries (`"token": "token_id:<n>"` with `return_tokens_as_token_ids`).
+adds `logprobs.content` entries (`"token": "token_id:<n>"` with `return_tokens_as_token_ids`), whose log
+probs are spelled like a real model's: full float precision, a third of them near 0 in exponent form
+(`-1.1920928955078125e-07`), as a trained policy's confident tokens are.
 The reply begins with a `<think>…</think>` block of `--think-tokens` tokens (or the request's
 `bench_think_tokens` field), counted in `max_tokens`. A non-streaming request with `bench_tool_calls: N`
 (N > 0) also gets N `message.tool_calls` (functions named after the request's `tools`, in turn) and
@@ -33,6 +35,7 @@ import argparse
 import asyncio
 import functools
 import json
+import random
 import time
 import uuid
 from typing import Any
@@ -47,6 +50,9 @@ VOCAB: tuple[str, ...] = tuple(" " + word for word in (
 THINK_OPEN, THINK_CLOSE = len(VOCAB), len(VOCAB) + 1          # vocabulary indices of the two tags
 TEXTS: tuple[str, ...] = VOCAB + ("<think>", "</think>")
 TOKEN_ID_BASE = 1000                                            # token id of vocabulary index j: BASE + j
+_draw = random.Random(7)
+LOGPROBS: tuple[float, ...] = tuple(-10 ** _draw.uniform(-8, -4) if j % 3 == 0 else -_draw.expovariate(2.0)
+                                    for j in range(len(TEXTS)))  # log prob of vocabulary index j
 
 DEFAULT_MAX_TOKENS = 64
 
@@ -70,7 +76,7 @@ def token_sequence(max_tokens: int, think_tokens: int) -> tuple[int, ...]:
 def _logprob_entry(index: int, as_token_ids: bool) -> dict:
     text = TEXTS[index]
     token = f"token_id:{TOKEN_ID_BASE + index}" if as_token_ids else text
-    return {"token": token, "logprob": -0.5, "bytes": list(text.encode()), "top_logprobs": []}
+    return {"token": token, "logprob": LOGPROBS[index], "bytes": list(text.encode()), "top_logprobs": []}
 
 
 @functools.lru_cache(maxsize=4096)

@@ -94,7 +94,7 @@ def raise_nofile(wanted: int) -> int:
 def speedups() -> str:
     """The event loop and JSON decoder gym_vllm and the pass-through run with here (GYM_VLLM_LOOP, GYM_VLLM_JSON)."""
     loop = "uvloop" if gym_vllm.event_loop_factory() else "asyncio"
-    return f"{loop} loop, {gym_vllm.JSON_DECODER} decoding"
+    return f"{loop} loop, {gym_vllm.JSON_CODEC} JSON"
 
 
 def machine_cpu() -> tuple[float, float]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import importlib.util
 import json
 import math
@@ -41,7 +42,7 @@ def outcome(loads, raw: bytes):
         return "error", None
 
 
-@pytest.mark.skipif(gym_vllm.JSON_DECODER == "json", reason="msgspec is not installed: nothing to compare")
+@pytest.mark.skipif(gym_vllm.JSON_CODEC == "json", reason="msgspec is not installed: nothing to compare")
 @settings(max_examples=300, deadline=None)
 @given(json_values, st.sampled_from([{}, {"ensure_ascii": False}, {"indent": 1}]))
 def test_fast_decoding_gives_what_json_gives(value, options):
@@ -49,7 +50,7 @@ def test_fast_decoding_gives_what_json_gives(value, options):
     assert same(gym_vllm._loads(raw), json.loads(raw))
 
 
-@pytest.mark.skipif(gym_vllm.JSON_DECODER == "json", reason="msgspec is not installed: nothing to compare")
+@pytest.mark.skipif(gym_vllm.JSON_CODEC == "json", reason="msgspec is not installed: nothing to compare")
 @pytest.mark.parametrize("raw", [b"NaN", b"[Infinity, -Infinity]", b"1e400", b'"\\ud800"', b"\xef\xbb\xbf{}", b'{"a":1,"a":2}',
                                  '{"k": "ü"}'.encode("utf-16"), b"123456789012345678901234567890", b"-0.0", b"[1,]",
                                  b'"a\nb"', b"\xff", b"", b"{} x", b" {\"a\": [1.5e-7]} \n"])
@@ -83,7 +84,7 @@ def test_encoding_without_the_c_accelerator_writes_the_same(value):
     assert encode(value) == gym_vllm._dumps(value) == json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
-@pytest.mark.skipif(gym_vllm.JSON_DECODER == "json", reason="msgspec is not installed: nothing is skipped")
+@pytest.mark.skipif(gym_vllm.JSON_CODEC == "json", reason="msgspec is not installed: nothing is skipped")
 def test_schema_decoding_builds_only_what_the_schema_names():
     reply = {"id": "c", "created": 1, "choices": [{"index": 0, "message": {"content": "x", "extra": [1]}, "finish_reason": "length",
              "token_ids": [5], "logprobs": {"content": [{"token": "token_id:5", "logprob": -0.5, "bytes": [120],
@@ -94,6 +95,76 @@ def test_schema_decoding_builds_only_what_the_schema_names():
                     "usage": None, "prompt_token_ids": [1]}
     for other_shape in (b'{"choices": 5, "x": 1}', b'{"choices": [{"logprobs": {"content": [1]}}]}', b'[1]', b'{"created": NaN}'):
         assert same(gym_vllm._loads(other_shape, gym_vllm.CompletionForResponse), json.loads(other_shape))
+
+
+# Floats of every spelling: exponent forms both ways, the -5 exponent msgspec writes as 0.0000…, NaN and infinities.
+any_number = st.one_of(st.floats(), st.integers(-2**70, 2**70), st.floats(1e-9, 1e-3).map(lambda x: -x),
+                       st.floats(1e15, 1e17), st.sampled_from([1e-05, -1.2e-05, 9.99e-05, 1e-07, 1e16, 0.0, -0.0]))
+any_json = st.recursive(st.none() | st.booleans() | any_number | st.text(max_size=6),
+                        lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=6), children, max_size=4),
+                        max_leaves=12)
+
+
+def numbers_as_json(values) -> bytes:
+    return json.dumps(values, separators=(",", ":")).encode()
+
+
+@settings(max_examples=1000, deadline=None)
+@given(st.lists(any_number, max_size=12))
+def test_number_lists_are_written_as_json_writes_them(values):
+    assert gym_vllm._number_list_json(values) == numbers_as_json(values)
+
+
+@pytest.mark.parametrize("value", [1e16, 1.5e16, 1e22, 1.7976931348623157e308, 1e-05, -1.2345e-05, 9.999999999999999e-05,
+                                   -1.1920928955078125e-07, 1e-07, 1e-10, 5e-324, 0.0001, 123.00001, 10.00001, -0.0,
+                                   float("inf"), float("nan"), 2**64, -7])
+def test_number_lists_in_every_float_spelling(value):
+    for values in ([value], [-0.5, value, 3], [value, value]):
+        assert gym_vllm._number_list_json(values) == numbers_as_json(values)
+
+
+@st.composite
+def converted_responses(draw):
+    """(vLLM reply, request, config) for chat_response_to_responses: any reply, any echoed request parameters."""
+    content = draw(st.sampled_from(["", "x", "<think>r</think>x", "<think>a\"\\b</think>\n"])) + draw(st.text(max_size=12))
+    calls = draw(st.lists(st.fixed_dictionaries({"id": st.text(max_size=4), "type": st.just("function"), "function":
+                 st.fixed_dictionaries({"name": st.text(max_size=4), "arguments": st.text(max_size=8)})}), max_size=2))
+    ids = draw(st.lists(st.integers(0, 2**70), max_size=6))
+    entries = [{"token": f"token_id:{i}", "logprob": draw(any_number), "bytes": [1],
+                "top_logprobs": [{"token": "t", "logprob": draw(any_number), "bytes": []}]} for i in ids]
+    chat = {"created": draw(st.one_of(st.integers(0, 2**40), st.floats(0.5, 1e20))),
+            "choices": [{"message": {"content": content, "tool_calls": calls, "refusal": draw(st.none() | st.text(max_size=4))},
+                         "finish_reason": draw(st.sampled_from(["stop", "length", "tool_calls"])),
+                         "logprobs": {"content": entries}, "token_ids": ids}],
+            "usage": draw(st.none() | st.fixed_dictionaries({"prompt_tokens": st.integers(0, 99), "completion_tokens": st.integers(0, 99)})),
+            "prompt_token_ids": draw(st.lists(st.integers(0, 2**70), max_size=4))}
+    echoed = st.sampled_from(["instructions", "metadata", "tool_choice", "tools", "temperature", "top_p", "max_output_tokens",
+                              "top_logprobs", "reasoning", "text", "truncation", "user", "parallel_tool_calls"])
+    request = {"input": "q", **draw(st.dictionaries(echoed, any_json, max_size=6))}
+    return chat, request, dataclasses.replace(CONFIG, return_token_id_information=draw(st.booleans()))
+
+
+CONFIG = gym_vllm.server_config_from_dict("s", {"base_url": "http://u/v1", "api_key": "k", "model": "m", "return_token_id_information": False,
+                                               "uses_reasoning_parser": True})
+
+
+@settings(max_examples=500, deadline=None)
+@given(converted_responses())
+def test_responses_are_written_as_json_writes_them(conversion):
+    response = gym_vllm.chat_response_to_responses(*conversion)
+    assert gym_vllm.response_json(response) == gym_vllm._dumps(response).encode()
+
+
+def test_an_overflow_response_is_written_as_json_writes_it():
+    response = gym_vllm.context_overflow_response({"input": "q", "temperature": 1e-05}, CONFIG)
+    assert gym_vllm.response_json(response) == gym_vllm._dumps(response).encode()
+
+
+def test_responses_without_msgspec_are_written_by_json():
+    code = ("import gym_vllm; r = gym_vllm.context_overflow_response({'input': 'q', 'top_p': 1e16}, gym_vllm.server_config_from_dict("
+            "'s', {'base_url': 'http://u/v1', 'api_key': 'k', 'model': 'm', 'return_token_id_information': False, 'uses_reasoning_parser': True})); "
+            "print(gym_vllm.JSON_CODEC, gym_vllm.response_json(r) == gym_vllm._dumps(r).encode(), b'1e+16' in gym_vllm.response_json(r))")
+    assert run_python(code, GYM_VLLM_JSON="stdlib").stdout.split() == ["json", "True", "True"]
 
 
 def test_schema_types_resolve_without_the_module_namespace():
@@ -127,7 +198,7 @@ def run_python(code: str, **env) -> subprocess.CompletedProcess:
 
 
 def test_stdlib_json_can_be_chosen():
-    assert run_python("import gym_vllm; print(gym_vllm.JSON_DECODER)", GYM_VLLM_JSON="stdlib").stdout.strip() == "json"
+    assert run_python("import gym_vllm; print(gym_vllm.JSON_CODEC)", GYM_VLLM_JSON="stdlib").stdout.strip() == "json"
 
 
 def test_event_loop_choice():
