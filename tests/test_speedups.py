@@ -155,6 +155,31 @@ def test_responses_are_written_as_json_writes_them(conversion):
     assert gym_vllm.response_json(response) == gym_vllm._dumps(response).encode()
 
 
+messages = st.lists(st.one_of(
+    st.fixed_dictionaries({"role": st.sampled_from(["user", "assistant", "tool"]), "content": st.text(max_size=12)},
+                          optional={"name": st.text(max_size=4), "n": any_number, "reasoning": st.none() | st.text(max_size=4)}),
+    st.dictionaries(st.text(max_size=6), any_json, max_size=4)), max_size=5)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.fixed_dictionaries({"messages": messages}, optional={"model": st.text(max_size=4), "temperature": any_number,
+                                                             "max_tokens": st.integers(), "tools": any_json, "seed": any_json}))
+def test_request_bodies_are_written_as_json_writes_them(body):
+    assert gym_vllm.request_json(body) == gym_vllm._dumps(body).encode()
+
+
+def test_converted_request_bodies_are_written_as_json_writes_them():
+    history = [{"type": "message", "role": "user", "content": "q é \u2028 \"x\""},
+               {"type": "reasoning", "summary": [{"type": "summary_text", "text": "r"}],
+                "prompt_token_ids": [1], "generation_token_ids": [2, 3], "generation_log_probs": [-1e-07, -0.25]},
+               {"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}"},
+               {"type": "function_call_output", "call_id": "c", "output": "4"}]
+    request = {"input": history, "instructions": "be brief", "temperature": 1e-05, "top_p": 0.9, "seed": 3,
+               "tools": [{"type": "function", "name": "f", "parameters": {"type": "object", "minimum": 1e16}}]}
+    body = gym_vllm.responses_request_to_chat(request, dataclasses.replace(CONFIG, return_token_id_information=True))
+    assert gym_vllm.request_json(body) == gym_vllm._dumps(body).encode()
+
+
 def test_an_overflow_response_is_written_as_json_writes_it():
     response = gym_vllm.context_overflow_response({"input": "q", "temperature": 1e-05}, CONFIG)
     assert gym_vllm.response_json(response) == gym_vllm._dumps(response).encode()
