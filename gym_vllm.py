@@ -158,7 +158,7 @@ class ConfigError(Exception):
 
 
 # ============================================================================================
-# JSON in and out: one encoder, one decoder for the whole module.
+# JSON in and out: the standard library's, or msgspec's when installed, with the same results.
 # ============================================================================================
 
 def _json_encoder() -> Callable[[Any], str]:
@@ -1518,6 +1518,8 @@ def response_json(response: dict) -> bytes:
         if not _written_alike(response[key]):
             exact[key] = _msgspec.Raw(_dumps(response[key]).encode())
     return _msgspec_encode(exact)
+
+
 # _response_envelope's fields that it builds of strings, integers and booleans (usage: _usage_to_responses), and the
 # output, whose items _item_for_msgspec handles.
 _ENVELOPE_BUILT_HERE = frozenset({"id", "object", "model", "status", "error", "incomplete_details", "output",
@@ -2144,7 +2146,9 @@ access_log = log.getChild("access")  # one line per request at INFO; off unless 
 
 
 def _json_response(body: Any, status: int = 200) -> web.Response:
-    return web.Response(text=_dumps(body), status=status, content_type="application/json")
+    """`body`: a JSON value, or its encoding (`response_json`)."""
+    raw = body if isinstance(body, bytes) else _dumps(body).encode()
+    return web.Response(body=raw, status=status, content_type="application/json", charset="utf-8")
 
 
 async def _read_json_object(request: web.Request) -> dict:
@@ -2377,8 +2381,7 @@ async def handle_responses(request: web.Request) -> web.Response:
     if body.get("stream"):
         return await _relay_stream(request, chat, new_session, _ResponsesSSE(ResponsesStream(body, config)))
     response = context_overflow_response(body, config) if chat is None else chat_response_to_responses(chat, body, config)
-    return _set_session_cookie(web.Response(body=response_json(response), content_type="application/json", charset="utf-8"),
-                               request, new_session)
+    return _set_session_cookie(_json_response(response_json(response)), request, new_session)
 
 
 async def handle_chat_completions(request: web.Request) -> web.Response:
