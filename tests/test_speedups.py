@@ -76,12 +76,12 @@ def test_encoding_writes_what_json_dumps_writes(value):
 @given(json_values)
 def test_encoding_without_the_c_accelerator_writes_the_same(value):
     original = json.encoder.c_make_encoder
-    json.encoder.c_make_encoder = None  # as on a Python built without _json
+    json.encoder.c_make_encoder = None  # as on a Python built without _json, while the fallback encodes too
     try:
-        encode = gym_vllm._json_encoder()
+        encoded = gym_vllm._json_encoder()(value)
     finally:
         json.encoder.c_make_encoder = original
-    assert encode(value) == gym_vllm._dumps(value) == json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+    assert encoded == gym_vllm._dumps(value) == json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
 @pytest.mark.skipif(gym_vllm.JSON_CODEC == "json", reason="msgspec is not installed: nothing is skipped")

@@ -77,6 +77,21 @@ async def test_vllms_token_id_reply_fits_what_a_response_decodes(vllm_engine):
     assert lean["prompt_token_ids"] and choice["message"]["role"] == "assistant"
 
 
+async def test_served_responses_are_spelled_as_json_spells_them(vllm_engine, proxy):
+    """The Response bytes (msgspec writes them when installed) are exactly json's: decoding and re-encoding them with
+    json changes nothing. Real log probs, and an echoed temperature that msgspec alone would write as 0.00001."""
+    base = await proxy(server_config(vllm_engine, return_token_id_information=True))
+    request = {"model": "tiny", "input": "Count", "instructions": "Be terse \u00e9", "max_output_tokens": 16,
+               "temperature": 1e-05, "top_p": 0.95, "seed": 3}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{base}/responses", json=request) as answer:
+            assert answer.status == 200
+            raw = await answer.read()
+    response = json.loads(raw)
+    assert response["temperature"] == 1e-05 and response["output"][-1]["generation_log_probs"]
+    assert raw == json.dumps(response, ensure_ascii=False, separators=(",", ":")).encode()
+
+
 async def test_token_ids_equal_vllms_own(vllm_engine, proxy):
     """The ids and log probs the proxy returns are exactly what vLLM returns for the same request."""
     client = strict_client(await proxy(server_config(vllm_engine, return_token_id_information=True)))
