@@ -2,6 +2,7 @@
 
 import dataclasses
 import json
+import os
 import random
 import re
 
@@ -450,12 +451,14 @@ def vllm_reply(**changes):
     {"choices.0.logprobs.content": None}, {"choices.0.logprobs": None}, {"choices.0.token_ids": ["a", "b"]},
     {"choices.0.token_ids": [5, 7]}, {"choices.0.message": None}, {"choices.0.message.content": 5}, {"usage": 5},
     {"prompt_token_ids": None}, {"choices.0.logprobs.content.0.logprob": "x"}, {"created": "soon"},
+    {"choices.0.finish_reason": ["length"]},
 ], ids=lambda changes: ",".join(changes) or "as-vllm-sends-it")
 def test_decoding_only_what_a_response_reads_converts_the_same(config, changes):
     raw = json.dumps(vllm_reply(**changes)).encode()
 
     def convert(chat):
-        random.seed(7)  # the same item ids on both sides
+        gym_vllm._random_hex.clear()  # the same item ids on both sides
+        random.seed(7)
         try:
             return gym_vllm.chat_response_to_responses(chat, {"input": "q"}, config)
         except ApiError as exc:
@@ -468,6 +471,30 @@ def test_a_created_that_is_not_a_number_is_a_502_not_an_internal_error():
     with pytest.raises(ApiError) as info:
         gym_vllm.chat_response_to_responses(vllm_reply(created="soon"), {"input": "q"}, BASE)
     assert (info.value.status, info.value.message) == (502, "vLLM returned a malformed chat completion: `created` should be a number or null")
+
+
+def test_a_finish_reason_that_is_not_a_string_is_a_502_not_an_internal_error():
+    with pytest.raises(ApiError) as info:  # it was a TypeError (unhashable list), a 500
+        gym_vllm.chat_response_to_responses(vllm_reply(**{"choices.0.finish_reason": ["length"]}), {"input": "q"}, BASE)
+    assert (info.value.status, info.value.message) == (
+        502, "vLLM returned a malformed chat completion: `choices[0].finish_reason` should be a string or null")
+
+
+def test_ids_are_unique_and_a_forked_child_draws_its_own():
+    ids = [gym_vllm._new_id("msg") for _ in range(1000)]  # several blocks of 128
+    assert len(set(ids)) == 1000 and all(re.fullmatch(r"msg_[0-9a-f]{32}", i) for i in ids)
+    gym_vllm._new_id("msg")  # the parent holds a part-used block when it forks
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: its next ids, then out at once
+        os.write(write_end, " ".join(gym_vllm._new_id("msg") for _ in range(5)).encode())
+        os._exit(0)
+    os.close(write_end)
+    os.waitpid(pid, 0)
+    with os.fdopen(read_end) as pipe:
+        child_ids = set(pipe.read().split())
+    parent_ids = {gym_vllm._new_id("msg") for _ in range(5)}
+    assert len(child_ids) == 5 and not child_ids & parent_ids
 
 
 def test_chat_endpoint_response_postprocessing():

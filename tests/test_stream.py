@@ -222,7 +222,8 @@ def test_token_ids_accumulate_onto_the_last_item():
 
 def test_malformed_chunks_raise_api_errors():
     for bad in ([1], {"choices": "x"}, {"choices": [{"delta": "x"}]}, {"choices": [{"delta": {"content": 5}}]},
-                {"choices": [{"delta": {"tool_calls": [5]}}]}, {"choices": [{"delta": {"tool_calls": [{"function": {"arguments": 3}}]}}]}):
+                {"choices": [{"delta": {"tool_calls": [5]}}]}, {"choices": [{"delta": {"tool_calls": [{"function": {"arguments": 3}}]}}]},
+                {"choices": [{"delta": {}, "finish_reason": ["stop"]}]}):  # the last was a TypeError, a 500
         with pytest.raises(ApiError) as info:
             gym_vllm.ResponsesStream({"input": "q"}, BASE).feed(bad)
         assert info.value.status == 502
