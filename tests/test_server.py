@@ -132,7 +132,10 @@ async def test_context_overflow_is_an_incomplete_reply_or_propagated(fake_upstre
     ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "seed_note": "\\udc00"}', 400),
     ("POST", "/v1/responses", b'{"input": "' + b"x" * (2 * 1024 * 1024) + b'"}', 413),
     ("GET", "/v1/responses", None, 405),
+    ("DELETE", "/health", None, 405),
+    ("POST", "/metrics", b"{}", 405),
     ("GET", "/v1/nothing", None, 404),
+    ("PUT", "/v1/responses/", b"{}", 404),
 ])
 async def test_bad_input_gets_openai_errors_and_the_server_keeps_serving(fake_upstreams, proxy, method, path, data, status):
     [(_, url)] = await fake_upstreams(1)
@@ -143,6 +146,17 @@ async def test_bad_input_gets_openai_errors_and_the_server_keeps_serving(fake_up
             assert_openai_error(status, await answer.json())
         async with http.post(base + "/v1/responses", json={"input": "fine"}) as answer:
             assert answer.status == 200
+
+
+async def test_head_is_answered_on_the_get_routes(fake_upstreams, proxy):
+    [(_, url)] = await fake_upstreams(1)
+    base = (await proxy(server_config(url))).removesuffix("/v1")
+    async with aiohttp.ClientSession() as http:
+        for path in ("/health", "/v1/models", "/metrics"):
+            async with http.head(base + path) as answer:
+                assert answer.status == 200, path
+        async with http.head(base + "/v1/responses") as answer:
+            assert answer.status == 405
 
 
 async def test_escaped_surrogate_pairs_are_characters(fake_upstreams, proxy):
