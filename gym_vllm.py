@@ -2163,11 +2163,12 @@ METRICS_DIR_KEY = web.AppKey("metrics_dir", str)
 SESSION_HEADER = "X-Session-ID"
 REQUEST_ID_HEADER = "X-Request-Id"  # kept from the client or made here; sent on to vLLM (its completion id) and back
 _VALID_REQUEST_ID = re.compile(r"[!-~]{1,128}")  # printable ASCII, no spaces: safe in logs and headers
+ENDPOINTS = ("/v1/responses", "/v1/chat/completions", "/v1/models", "/health", "/metrics")
 access_log = log.getChild("access")  # one line per request at INFO; off unless enabled (`--access-log`)
 
 
 class RequestContext:
-    """One request on its way through the proxy: made by `_serve`, handed to the handler and its helpers in place of the
+    """One request on its way through the proxy: made by `error_middleware`, handed to the helpers in place of the
     aiohttp request. It holds the server's parts, looked up once (`request.app[key]` costs three Python calls; a request
     made ~15 such lookups, 2% of its instructions), the request id, and what the handlers learn on the way."""
 
@@ -2184,6 +2185,8 @@ class RequestContext:
         self.client_gone = False  # set when a stream's client disconnected
 
 
+CONTEXT_KEY = web.RequestKey("context", RequestContext)
+
 
 _JSON_HEADERS = {"Content-Type": "application/json; charset=utf-8"}  # as given: content_type= and charset= parse it
 
@@ -2195,7 +2198,7 @@ def _json_response(body: Any, status: int = 200) -> web.Response:
 
 
 async def _read_json_object(request: web.Request) -> dict:
-    raw = await request.read()  # over client_max_size -> HTTPRequestEntityTooLarge, rendered by `_answer`
+    raw = await request.read()  # over client_max_size -> HTTPRequestEntityTooLarge, rendered by the middleware
     try:
         body = _loads(raw)
     except (ValueError, UnicodeDecodeError) as exc:
@@ -2414,11 +2417,12 @@ async def _tokenize(context: RequestContext, upstream: Upstream, chat_body: dict
     return body["tokens"]
 
 
-async def handle_responses(context: RequestContext) -> web.StreamResponse:
+async def handle_responses(request: web.Request) -> web.StreamResponse:
+    context = request[CONTEXT_KEY]
     config = context.config
-    body = await _read_json_object(context.request)
+    body = await _read_json_object(request)
     chat_body = responses_request_to_chat(body, config)
-    session_id, new_session = _session_of(context.request, config)
+    session_id, new_session = _session_of(request, config)
     chat = await _chat_upstream(context, session_id, chat_body, None if body.get("top_logprobs") else CompletionForResponse)
     if body.get("stream"):
         return await _relay_stream(context, chat, new_session, _ResponsesSSE(ResponsesStream(body, config)))
@@ -2426,11 +2430,12 @@ async def handle_responses(context: RequestContext) -> web.StreamResponse:
     return _set_session_cookie(_json_response(response_json(response)), config, new_session)
 
 
-async def handle_chat_completions(context: RequestContext) -> web.StreamResponse:
+async def handle_chat_completions(request: web.Request) -> web.StreamResponse:
+    context = request[CONTEXT_KEY]
     config = context.config
-    body = await _read_json_object(context.request)
+    body = await _read_json_object(request)
     chat_body = prepare_chat_request(body, config, metadata=body.get("metadata") if isinstance(body.get("metadata"), dict) else None)
-    session_id, new_session = _session_of(context.request, config)
+    session_id, new_session = _session_of(request, config)
     chat = await _chat_upstream(context, session_id, chat_body)
     if body.get("stream"):
         return await _relay_stream(context, chat, new_session, _ChatSSE(config))
@@ -2616,14 +2621,15 @@ async def _relay_stream(context: RequestContext, upstream: aiohttp.ClientRespons
     return response
 
 
-async def handle_models(context: RequestContext) -> web.Response:
-    model = {"id": context.config.model, "object": "model", "created": int(context.app[STARTED_KEY]), "owned_by": "gym_vllm"}
+async def handle_models(request: web.Request) -> web.Response:
+    config = request.app[CONFIG_KEY]
+    model = {"id": config.model, "object": "model", "created": int(request.app[STARTED_KEY]), "owned_by": "gym_vllm"}
     return _json_response({"object": "list", "data": [model]})
 
 
-async def handle_health(context: RequestContext) -> web.Response:
+async def handle_health(request: web.Request) -> web.Response:
     """Liveness of the proxy (always 200 while it serves) and each upstream's health as the proxy sees it."""
-    app = context.app
+    app = request.app
     balancer = app[BALANCER_KEY]
     upstreams = [{"base_url": u.base_url, "healthy": u.usable, "ejected": not u.healthy, "unavailable": u.unavailable,
                   "failures_in_a_row": u.failures, "last_error": u.last_error, "requests": u.requests} for u in balancer.upstreams]
@@ -2632,9 +2638,9 @@ async def handle_health(context: RequestContext) -> web.Response:
                            "sessions": len(balancer.sessions), "upstreams": upstreams})
 
 
-async def handle_metrics(context: RequestContext) -> web.Response:
+async def handle_metrics(request: web.Request) -> web.Response:
     """Prometheus text exposition; with several workers, every worker's figures (label `worker`)."""
-    app = context.app
+    app = request.app
     workers_dir = app.get(METRICS_DIR_KEY)
     if not workers_dir:
         text = render_families(app[METRICS_KEY].families(app[BALANCER_KEY]))
@@ -2644,19 +2650,6 @@ async def handle_metrics(context: RequestContext) -> web.Response:
     return web.Response(text=text, content_type="text/plain", charset="utf-8", headers={"X-Content-Type-Options": "nosniff"})
 
 
-async def handle_unmatched(context: RequestContext) -> web.Response:
-    """Every other path, and every other method on ours: aiohttp's 404 or 405, which `_answer` words as error JSON."""
-    request = context.request
-    methods = _ROUTE_METHODS.get(request.path)
-    if methods:
-        raise web.HTTPMethodNotAllowed(request.method, methods)
-    raise web.HTTPNotFound()
-
-
-# path -> (method, handler); GET routes answer HEAD too. Each route's handler runs inside `_serve`.
-ROUTES = {"/v1/responses": ("POST", handle_responses), "/v1/chat/completions": ("POST", handle_chat_completions),
-          "/v1/models": ("GET", handle_models), "/health": ("GET", handle_health), "/metrics": ("GET", handle_metrics)}
-_ROUTE_METHODS = {path: ("GET", "HEAD") if method == "GET" else (method,) for path, (method, _) in ROUTES.items()}
 _HTTP_MESSAGES = {
     404: "unknown path {path}; this server serves POST /v1/responses, POST /v1/chat/completions, GET /v1/models, "
          "GET /health and GET /metrics",
@@ -2664,21 +2657,15 @@ _HTTP_MESSAGES = {
 }
 
 
-def _route_handler(handler: Callable[[RequestContext], Any]) -> Callable[[web.Request], Any]:
-    """What aiohttp calls for a route: `handler` inside `_serve`. Wrapped per route rather than by a middleware: aiohttp
-    adds a layer of its own to every request when an app has middlewares (1.5% of a request's instructions)."""
-    async def serve_route(request: web.Request) -> web.StreamResponse:
-        return await _serve(request, handler)
-    return serve_route
-
-
-async def _serve(request: web.Request, handler: Callable[[RequestContext], Any]) -> web.StreamResponse:
+@web.middleware
+async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
     """Gives the request its id, turns every failure into OpenAI error JSON, counts and times the answer."""
     supplied_id = request.headers.get(REQUEST_ID_HEADER)
     context = RequestContext(request, supplied_id if supplied_id and _VALID_REQUEST_ID.fullmatch(supplied_id) else _random_hex_id()[:16])
+    request[CONTEXT_KEY] = context
     metrics = context.metrics
     path = request.path
-    endpoint = path if path in ROUTES else "other"  # the metrics' label: one series per route, not per path sent
+    endpoint = path if path in ENDPOINTS else "other"
     metrics.in_flight[endpoint] += 1
     started = time.perf_counter()
     status = 499  # nginx's "client closed request", kept if the handler is cancelled
@@ -2708,7 +2695,7 @@ async def _answer(context: RequestContext, handler) -> web.StreamResponse:
             if not hmac.compare_digest(supplied, b"Bearer " + config.server_api_key.encode()):
                 raise ApiError(401, "missing or incorrect API key: send `Authorization: Bearer <server_api_key>`",
                                code="invalid_api_key")
-        response = await handler(context)
+        response = await handler(request)
     except ApiError as exc:
         if exc.status >= 500:
             log.warning("server %s: request %s: %s %s -> %d %s", config.name, context.request_id, request.method, request.path,
@@ -2830,7 +2817,7 @@ def build_app(config: ServerConfig, workers: int = 1, metrics_dir: str | None = 
     `workers` > 1: this is one of several processes sharing the port; session affinity is made deterministic,
     and with `metrics_dir` (a folder the workers share) `/metrics` shows every worker's figures.
     """
-    app = web.Application(client_max_size=_body_limit(config))
+    app = web.Application(middlewares=[error_middleware], client_max_size=_body_limit(config))
     app[CONFIG_KEY] = config
     app[BALANCER_KEY] = Balancer(config.base_url, SessionTable(config.session_table_size, config.session_idle_timeout_s),
                                  config.eject_after_failures, config.readmit_after_successes, config.name, deterministic=workers > 1)
@@ -2853,10 +2840,11 @@ def build_app(config: ServerConfig, workers: int = 1, metrics_dir: str | None = 
     if metrics_dir:
         app[METRICS_DIR_KEY] = metrics_dir
         app.cleanup_ctx.append(_write_metrics_snapshots)
-    for path, (_, handler) in ROUTES.items():
-        for method in _ROUTE_METHODS[path]:
-            app.router.add_route(method, path, _route_handler(handler))
-    app.router.add_route("*", "/{path:.*}", _route_handler(handle_unmatched))  # after ours: all the rest
+    app.router.add_post("/v1/responses", handle_responses)
+    app.router.add_post("/v1/chat/completions", handle_chat_completions)
+    app.router.add_get("/v1/models", handle_models)
+    app.router.add_get("/health", handle_health)
+    app.router.add_get("/metrics", handle_metrics)
     return app
 
 
