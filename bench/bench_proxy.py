@@ -49,6 +49,13 @@ the same C), errors, and the proxy process's CPU seconds per 1,000 requests (uti
 load generator, the upstream and the proxies share the machine's cores, so the CPU per request is
 the figure to compare; req/s and latencies at high C mostly measure the machine being full.
 
+`--paired` measures instead what the CPU goals are stated in, the ratio to the pass-through, in a way that a busy
+shared machine cannot tilt: each gym_vllm target (of `--targets`) and the pass-through of its shape run in ONE
+closed loop, the C workers sending to the two in turn (each proxy then has about C/2 requests in flight), and both
+proxies' CPU is read over the same window. Whatever else the machine does in that window weighs on both alike;
+separate cells seconds apart can land on different neighbours' bursts. With `--rounds N` each pair runs N times and
+the median ratio is reported with the rounds' range.
+
 `--compare-url URL` adds the `compare` cell at every C: the gym-resp body (plus `model`) against
 URL/responses of a server that is already running, checked loosely (HTTP 200, `object: response`,
 status completed/incomplete). Its added p50 and × passthrough are against this run's direct and
@@ -69,6 +76,7 @@ import asyncio
 import collections
 import dataclasses
 import json
+import itertools
 import math
 import os
 import platform
@@ -357,6 +365,103 @@ async def run_cell(target: Target, pids: dict[str, int], concurrency: int, args:
     )
 
 
+@dataclasses.dataclass
+class Paired:
+    """A gym_vllm target and the pass-through of its shape, measured in one closed loop (`--paired`)."""
+    concurrency: int
+    target: str
+    label: str
+    failed: str
+    requests: int                # the target's validated replies inside the window
+    floor_requests: int          # the pass-through's
+    errors: int                  # of both
+    first_error: str
+    cpu_s_per_1k: float          # the target's proxy, CPU seconds per 1,000 of its requests
+    floor_cpu_s_per_1k: float    # the pass-through's
+    vs_passthrough: float
+    vs_passthrough_rounds: list[float] = dataclasses.field(default_factory=list)
+
+
+def floor_of(target: Target, targets: list[Target]) -> Target:
+    """The pass-through target of `target`'s shape."""
+    return next(t for t in targets if t.proxy == "passthrough" and t.shape == target.shape)
+
+
+async def run_paired(target: Target, floor: Target, pids: dict[str, int], concurrency: int, args: argparse.Namespace) -> Paired:
+    nan = math.nan
+    timeout = aiohttp.ClientTimeout(total=args.request_timeout, sock_connect=30)
+    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout, cookie_jar=aiohttp.DummyCookieJar()) as session:
+        try:
+            expected = {t.key: (await probe(session, t))[0] for t in (floor, target)}
+        except (ProbeError, aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
+            return Paired(concurrency, target.key, target.label, f"probe: {exc.__class__.__name__}: {exc}", 0, 0, 0, "", nan, nan, nan)
+        pair, turn = (floor, target), itertools.count()
+
+        async def one() -> tuple[str, Sample]:
+            chosen = pair[next(turn) % 2]
+            return chosen.key, await one_request(session, chosen, expected[chosen.key])
+
+        await asyncio.gather(*(one() for _ in range(2 * concurrency)))  # open the connections to both
+        window = await closed_loop(one, concurrency, args.warmup, args.seconds,
+                                   {"floor": pids[floor.proxy], "target": pids[target.proxy]}, end_of=lambda s: s[1].end)
+    good = collections.Counter(key for key, sample in window.samples if sample.ok)
+    bad = [sample for _, sample in window.samples if not sample.ok]
+    n, n_floor = good[target.key], good[floor.key]
+    cpu = window.cpu["target"] * 1000 / n if n else nan
+    floor_cpu = window.cpu["floor"] * 1000 / n_floor if n_floor else nan
+    return Paired(concurrency, target.key, target.label, "", n, n_floor, len(bad), bad[0].error if bad else "", cpu, floor_cpu,
+                  cpu / floor_cpu if floor_cpu else nan)
+
+
+def median_pair(rounds: list[Paired]) -> Paired:
+    ran = [r for r in rounds if not r.failed] or rounds
+    chosen = sorted(ran, key=lambda r: r.vs_passthrough)[(len(ran) - 1) // 2]
+    chosen.vs_passthrough_rounds = [r.vs_passthrough for r in ran if not r.failed]
+    return chosen
+
+
+async def measure_paired(args: argparse.Namespace, targets: list[Target], all_targets: list[Target], pids: dict[str, int],
+                         children: list[Child]) -> list[Paired]:
+    """Every gym_vllm target paired with its pass-through at every level, `--rounds` times in alternating order."""
+    gyms = [t for t in targets if t.proxy and t.proxy.startswith("gym")]
+    results: list[Paired] = []
+    for level in args.levels:
+        rounds: dict[str, list[Paired]] = collections.defaultdict(list)
+        for round_index in range(args.rounds):
+            for target in gyms if round_index % 2 == 0 else gyms[::-1]:
+                dead = [c.name for c in children if not c.alive()]
+                if dead:
+                    nan = math.nan
+                    result = Paired(level, target.key, target.label, f"process(es) exited: {', '.join(dead)}", 0, 0, 0, "", nan, nan, nan)
+                else:
+                    result = await run_paired(target, floor_of(target, all_targets), pids, level, args)
+                rounds[target.key].append(result)
+                prefix = f"C={level:<5} {target.label:<30} paired" + (f" round {round_index + 1}" if args.rounds > 1 else "")
+                if result.failed:
+                    progress(f"{prefix} FAILED: {result.failed}")
+                else:
+                    progress(f"{prefix} proxy {result.cpu_s_per_1k:.3f} s/1k  pass-through {result.floor_cpu_s_per_1k:.3f} s/1k"
+                             f"  {result.vs_passthrough:.2f}×  errors {result.errors}"
+                             + (f" ({result.first_error[:200]})" if result.errors else ""))
+                await asyncio.sleep(0.3)
+        results += [median_pair(rounds[target.key]) for target in gyms]
+    return results
+
+
+def paired_table(results: list[Paired]) -> str:
+    rows = ["| C | target | × pass-through | rounds | proxy CPU s/1k req | pass-through CPU s/1k req | requests (pass-through) | errors |",
+            "|---|---|---|---|---|---|---|---|"]
+    for r in results:
+        if r.failed:
+            rows.append(f"| {r.concurrency} | {r.label} | FAILED: {r.failed[:150]} | | | | | |")
+            continue
+        spread = f"{min(r.vs_passthrough_rounds):.2f}–{max(r.vs_passthrough_rounds):.2f}" if len(r.vs_passthrough_rounds) > 1 else "–"
+        rows.append(f"| {r.concurrency} | {r.label} | {r.vs_passthrough:.2f}× | {spread} | {r.cpu_s_per_1k:.3f} | "
+                    f"{r.floor_cpu_s_per_1k:.3f} | {r.requests} ({r.floor_requests}) | {r.errors} |")
+    return "\n".join(rows)
+
+
 def add_baselines(results: list[Result]) -> None:
     """Added p50 over the direct cell, CPU per request over the pass-through cell: same shape, same C."""
     by = {(r.concurrency, r.target): r for r in results}
@@ -442,6 +547,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--compare-api-key", default="bench", help="bearer key sent to --compare-url (default bench)")
     parser.add_argument("--compare-no-bench-fields", action="store_true",
                         help="leave the fake upstream's `bench_*` fields out of the --compare-url body")
+    parser.add_argument("--paired", action="store_true",
+                        help="run each gym_vllm target and the pass-through of its shape in one loop, in turn, and report "
+                             "their CPU ratio (the goals' measure, robust to a busy machine)")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--profile-gym", metavar="FILE", help="run the plain gym_vllm under cProfile, dump stats to FILE")
     parser.add_argument("--profile-gym-ids", metavar="FILE", help="run the token-id gym_vllm under cProfile, dump stats to FILE")
@@ -465,6 +573,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error("--seconds must be > 0, --warmup >= 0, --rounds >= 1")
     if args.compare_pid and not os.path.exists(f"/proc/{args.compare_pid}/stat"):
         parser.error(f"--compare-pid {args.compare_pid}: no such process")
+    if args.paired and not any(key.startswith("gym") for key in args.target_keys):
+        parser.error("--paired measures gym_vllm targets against the pass-through: --targets needs a gym-* target")
     return args
 
 
@@ -505,6 +615,21 @@ async def measure(args: argparse.Namespace, targets: list[Target], pids: dict[st
     return results
 
 
+def report_paired(args: argparse.Namespace, results: list[Paired]) -> int:
+    print(f"\n## Paired CPU per request: each gym_vllm target and the pass-through in one closed loop, in turn; "
+          f"{args.tokens}-token answers with a {args.think_tokens}-token <think> block ({args.ids_tokens} with token ids), "
+          f"{args.seconds:g} s per pair after {args.warmup:g} s warm-up"
+          + (f", median of {args.rounds} rounds" if args.rounds > 1 else "")
+          + f", {os.cpu_count()} CPUs, Python {platform.python_version()}, aiohttp {aiohttp.__version__}, {speedups()}\n")
+    print(paired_table(results))
+    print("\n× pass-through: the gym_vllm process's CPU seconds (utime+stime) per request over the pass-through's, both "
+          "read over the same window; at C, each has about C/2 requests in flight. rounds: the range over the rounds.")
+    if args.json:
+        Path(args.json).write_text(json.dumps(_json_safe({"paired": [dataclasses.asdict(r) for r in results]}), indent=2))
+        print(f"\nwrote {args.json}")
+    return 0 if all(r.errors == 0 and not r.failed for r in results) else 3
+
+
 def _json_safe(value: Any) -> Any:
     """NaN (no data) becomes null, so the file is strict JSON."""
     if isinstance(value, float) and math.isnan(value):
@@ -541,6 +666,9 @@ def main(argv: list[str] | None = None) -> int:
         progress("started: " + ", ".join(f"{c.name} :{ports[k]} (pid {c.pid})" for k, c in
                                          zip(("upstream", "passthrough", "gym", "gym_ids"), children)))
         targets = build_targets(args, ports)
+        if args.paired:
+            all_targets = build_targets(argparse.Namespace(**{**vars(args), "target_keys": ALL_TARGETS}), ports)
+            return report_paired(args, asyncio.run(measure_paired(args, targets, all_targets, pids, children)))
         results = asyncio.run(measure(args, targets, pids, children))
         add_baselines(results)
 

@@ -6,6 +6,7 @@
 import asyncio
 import dataclasses
 import json
+import math
 import os
 import re
 import shlex
@@ -134,6 +135,7 @@ README_COMMANDS = {
         "test_collect.py::test_the_readme_command",
     ".venv/bin/python bench/bench_stream.py --tokens 256 --concurrency 1,16,64 --seconds 6": "test_readme_bench_commands",
     ".venv/bin/python bench/bench_proxy.py --concurrency 1,64,256,1024 --seconds 5 --rounds 3": "test_readme_bench_commands",
+    ".venv/bin/python bench/bench_proxy.py --paired --ids-tokens 64 --rounds 3": "test_readme_bench_paired_command",
     ".venv/bin/python bench/bench_idle.py": "test_readme_bench_commands",
     ".venv/bin/python bench/bench_sessions.py": "test_readme_bench_commands",
     ".venv/bin/python bench/bench_instructions.py": "test_readme_bench_instructions_command",
@@ -272,6 +274,35 @@ def test_readme_bench_instructions_command(tmp_path):
     rows = {row["target"]: row["k_instructions"] for row in json.loads(out.read_text())["rows"]}
     assert 100 < rows["passthrough"] < rows["gym-resp"], rows
     assert "| gym_vllm responses | this checkout |" in result.stdout
+
+
+def test_readme_bench_paired_command(tmp_path):
+    """Every gym_vllm target paired with the pass-through of its shape: both measured, a ratio for each."""
+    command = next(c for c, r in README_COMMANDS.items() if r == "test_readme_bench_paired_command")
+    out = tmp_path / "paired.json"
+    result = run_shell(f"{command.replace('.venv/bin/python', sys.executable)} {BENCH_SHORT['bench_proxy.py']} --seconds 1 "
+                       f"--json {out}", REPO, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = json.loads(out.read_text())["paired"]
+    assert sorted(r["target"] for r in rows) == ["gym-chat", "gym-resp", "gym-resp-ids", "gym-resp-tools"]
+    for row in rows:
+        assert row["errors"] == 0 and row["requests"] > 0 and row["floor_requests"] > 0, row
+        assert row["vs_passthrough"] > 0 and len(row["vs_passthrough_rounds"]) == 2, row
+    assert "| 1 | gym_vllm responses | " in result.stdout
+
+
+def test_bench_proxy_reports_the_median_pair():
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import bench_proxy
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    pairs = [bench_proxy.Paired(64, "gym-resp", "gym_vllm responses", "", 100, 100, 0, "", cpu, 0.2, cpu / 0.2)
+             for cpu in (0.3, 0.2, 0.26)]
+    failed = dataclasses.replace(pairs[0], failed="probe: boom", vs_passthrough=math.nan)
+    chosen = bench_proxy.median_pair([pairs[0], failed, pairs[1], pairs[2]])
+    assert chosen.cpu_s_per_1k == 0.26 and chosen.vs_passthrough_rounds == pytest.approx([1.5, 1.0, 1.3])
+    assert bench_proxy.median_pair([failed]).failed == "probe: boom"
 
 
 def test_bench_proxy_reports_the_median_round():
