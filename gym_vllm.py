@@ -2685,9 +2685,15 @@ async def error_middleware(request: web.Request, handler) -> web.StreamResponse:
             upstream = context.upstream
             access_log.info("server %s: %s %s %d %.1f ms request %s%s", context.config.name, request.method, path, status,
                             elapsed * 1000, context.request_id, f" upstream {upstream.base_url}" if upstream else "")
+        # The request and its context refer to each other: without this, every request (body, headers, buffers) would
+        # wait for the cyclic collector, which the CLIs run every 50,000 allocations (8% more CPU per request).
+        del request[CONTEXT_KEY]
 
 
 async def _answer(context: RequestContext, handler) -> web.StreamResponse:
+    """The handler's response, or the error JSON for what it raised. Each caught exception drops its traceback: its
+    frames hold the request, and often the exception itself (raised from a local), and aiohttp keeps some exceptions on
+    the request; that cycle would keep every failed request alive until the cyclic collector runs."""
     request, config = context.request, context.config
     try:
         if config.server_api_key and request.path != "/health":  # liveness probes carry no key
@@ -2697,17 +2703,20 @@ async def _answer(context: RequestContext, handler) -> web.StreamResponse:
                                code="invalid_api_key")
         response = await handler(request)
     except ApiError as exc:
+        exc.__traceback__ = None
         if exc.status >= 500:
             log.warning("server %s: request %s: %s %s -> %d %s", config.name, context.request_id, request.method, request.path,
                         exc.status, exc.message)
         response = _json_response(exc.body(), exc.status)
-    except web.HTTPRequestEntityTooLarge:
+    except web.HTTPRequestEntityTooLarge as exc:
+        exc.__traceback__ = None
         limit = _body_limit(config)
         response = _json_response(ApiError(413, f"request body is larger than {limit} bytes; raise `max_request_body_mb` "
                                                 f"in {config.source} if this is intended", code="request_too_large").body(), 413)
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
+        exc.__traceback__ = None
         template = _HTTP_MESSAGES.get(exc.status, exc.reason or "request failed")
         message = template.format(path=request.path, method=request.method)
         response = _json_response(ApiError(exc.status, message).body(), exc.status)
@@ -2716,6 +2725,7 @@ async def _answer(context: RequestContext, handler) -> web.StreamResponse:
     except Exception as exc:  # a bug of ours: answer cleanly, log one line with the cause
         log.error("server %s: request %s: internal error on %s %s: %r", config.name, context.request_id, request.method,
                   request.path, exc, exc_info=log.isEnabledFor(logging.DEBUG))
+        exc.__traceback__ = None
         response = _json_response(ApiError(500, f"internal error in gym_vllm: {exc.__class__.__name__}").body(), 500)
     return response
 
