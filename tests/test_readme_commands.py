@@ -288,6 +288,7 @@ def test_readme_bench_paired_command(tmp_path):
     for row in rows:
         assert row["errors"] == 0 and row["requests"] > 0 and row["floor_requests"] > 0, row
         assert row["vs_passthrough"] > 0 and len(row["vs_passthrough_rounds"]) == 2, row
+        assert row["excess_ms"] == pytest.approx(row["cpu_s_per_1k"] - row["floor_cpu_s_per_1k"]), row
     assert "| 1 | gym_vllm responses | " in result.stdout
 
 
@@ -301,7 +302,8 @@ def test_bench_proxy_reports_the_median_pair():
              for cpu in (0.3, 0.2, 0.26)]
     failed = dataclasses.replace(pairs[0], failed="probe: boom", vs_passthrough=math.nan)
     chosen = bench_proxy.median_pair([pairs[0], failed, pairs[1], pairs[2]])
-    assert chosen.cpu_s_per_1k == 0.26 and chosen.vs_passthrough_rounds == pytest.approx([1.5, 1.0, 1.3])
+    assert chosen.cpu_s_per_1k == 0.26 and chosen.excess_ms == pytest.approx(0.06)
+    assert chosen.vs_passthrough_rounds == pytest.approx([1.5, 1.0, 1.3])
     assert bench_proxy.median_pair([failed]).failed == "probe: boom"
 
 
