@@ -21,7 +21,10 @@ request checked in full beforehand.
 
 The machine is shared by all processes, so besides throughput it reports each process's own CPU
 time (utime+stime from /proc/<pid>/stat, 1/CLK_TCK resolution) over the window, per event received
-by the client. `--profile-gym FILE` runs gym_vllm under cProfile and prints its top functions at the
+by the client. `--paired` runs each gym_vllm target instead in one closed loop with the pass-through, one request
+each in turn, and reports what gym_vllm adds to the pass-through's CPU per event, both read over the same window
+(bench_proxy.py's `--paired`, whose docstring says why; the ratio within a pair is diluted at low C, the excess is
+not). `--profile-gym FILE` runs gym_vllm under cProfile and prints its top functions at the
 end (its CPU numbers are then inflated by the profiler).
 """
 
@@ -29,7 +32,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import collections
 import dataclasses
+import itertools
 import json
 import math
 import os
@@ -208,6 +213,53 @@ def markdown_table(results: list[Result]) -> str:
     return "\n".join(rows)
 
 
+@dataclasses.dataclass
+class PairedStream:
+    """A gym_vllm target and the pass-through measured in one closed loop, in turn (`--paired`)."""
+    concurrency: int
+    target: str
+    label: str
+    requests: int                # the target's good replies inside the window
+    floor_requests: int          # the pass-through's
+    errors: int
+    first_error: str
+    us_per_event: float          # the target's proxy CPU per event it relayed
+    floor_us_per_event: float    # the pass-through's
+    excess_us_per_event: float
+    vs_passthrough: float
+
+
+async def run_paired(session: aiohttp.ClientSession, target: Target, floor: Target, upstream: Child, concurrency: int,
+                     warmup_s: float, seconds: float) -> PairedStream:
+    expected = {t.key: await probe(session, t) for t in (floor, target)}
+    pair, turn = (floor, target), itertools.count()
+
+    async def one() -> tuple[str, Sample]:
+        chosen = pair[next(turn) % 2]
+        return chosen.key, await one_request(session, chosen, expected[chosen.key])
+
+    watch = {"upstream": upstream.pid, "floor": floor.proxy.pid, "target": target.proxy.pid}
+    window = await closed_loop(one, concurrency, warmup_s, seconds, watch, end_of=lambda s: s[1].end)
+    events, requests = collections.Counter(), collections.Counter()
+    for key, sample in window.samples:
+        if sample.ok:
+            events[key] += sample.events
+            requests[key] += 1
+    bad = [sample for _, sample in window.samples if not sample.ok]
+    mine = window.cpu["target"] * 1e6 / events[target.key] if events[target.key] else math.nan
+    floors = window.cpu["floor"] * 1e6 / events[floor.key] if events[floor.key] else math.nan
+    return PairedStream(concurrency, target.key, target.label, requests[target.key], requests[floor.key], len(bad),
+                        bad[0].error if bad else "", mine, floors, mine - floors, mine / floors if floors else math.nan)
+
+
+def paired_table(results: list[PairedStream]) -> str:
+    rows = ["| C | target | excess µs/event | × pass-through | proxy µs/event | pass-through µs/event | requests (pass-through) "
+            "| errors |", "|---|---|---|---|---|---|---|---|"]
+    rows += [f"| {r.concurrency} | {r.label} | {r.excess_us_per_event:+.1f} | {r.vs_passthrough:.2f}× | {r.us_per_event:.1f} | "
+             f"{r.floor_us_per_event:.1f} | {r.requests} ({r.floor_requests}) | {r.errors} |" for r in results]
+    return "\n".join(rows)
+
+
 def add_ratios(results: list[Result]) -> None:
     """gym_vllm's CPU per event over the passthrough's, at the same concurrency."""
     floor = {r.concurrency: r.proxy_cpu_us_per_event for r in results if r.target == "passthrough"}
@@ -232,6 +284,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="subset of direct,passthrough,gym-chat,gym-resp (default: all)")
     parser.add_argument("--think-tokens", type=int, default=0, help="upstream replies start with a <think> block this long")
     parser.add_argument("--token-delay-ms", type=float, default=0.0, help="upstream sleep per token (default 0: only yield)")
+    parser.add_argument("--paired", action="store_true",
+                        help="run each gym_vllm target and the pass-through in one loop, in turn, and report what gym_vllm "
+                             "adds to the pass-through's CPU per event")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--profile-gym", metavar="FILE", help="run gym_vllm under cProfile, dump stats to FILE")
     parser.add_argument("--gym-launcher", metavar="SCRIPT",
@@ -250,6 +305,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         parser.error(f"unknown --targets: {', '.join(sorted(unknown))}")
     if args.tokens < 1 or args.seconds <= 0 or args.warmup < 0:
         parser.error("--tokens must be >= 1, --seconds > 0, --warmup >= 0")
+    if args.paired and not any(key.startswith("gym") for key in args.target_keys):
+        parser.error("--paired measures gym_vllm targets against the pass-through: --targets needs a gym-* target")
     return args
 
 
@@ -270,12 +327,22 @@ def build_targets(args: argparse.Namespace, upstream_port: int, pass_port: int, 
 
 
 async def measure(args: argparse.Namespace, targets: list[Target], upstream: Child,
-                  progress: Callable[[str], None]) -> list[Result]:
-    results: list[Result] = []
+                  progress: Callable[[str], None]) -> list[Result] | list[PairedStream]:
+    results: list = []
     connector = aiohttp.TCPConnector(limit=0)
     timeout = aiohttp.ClientTimeout(total=300, sock_connect=10)
     async with aiohttp.ClientSession(connector=connector, timeout=timeout, cookie_jar=aiohttp.DummyCookieJar()) as session:
         for level in args.levels:
+            if args.paired:
+                floor = next(t for t in targets if t.key == "passthrough")
+                for target in (t for t in targets if t.key.startswith("gym")):
+                    pair = await run_paired(session, target, floor, upstream, level, args.warmup, args.seconds)
+                    results.append(pair)
+                    progress(f"C={level:<4} {target.label:<20} paired: {pair.us_per_event:.1f} µs/ev, pass-through "
+                             f"{pair.floor_us_per_event:.1f}, excess {pair.excess_us_per_event:+.1f}  errors {pair.errors}"
+                             + (f" ({pair.first_error})" if pair.errors else ""))
+                    await asyncio.sleep(0.3)
+                continue
             for target in targets:
                 result = await run_target(session, target, upstream, level, args.warmup, args.seconds)
                 results.append(result)
@@ -301,8 +368,20 @@ def main(argv: list[str] | None = None) -> int:
         progress(f"started: fake_upstream :{upstream_port} (pid {upstream.pid}), passthrough :{pass_port} "
                  f"(pid {passthrough.pid}), gym_vllm :{gym_port} (pid {gym.pid})")
 
-        targets = build_targets(args, upstream_port, pass_port, gym_port, passthrough, gym)
+        targets = build_targets(args if not args.paired else argparse.Namespace(
+            **{**vars(args), "target_keys": [*args.target_keys, "passthrough"]}), upstream_port, pass_port, gym_port, passthrough, gym)
         results = asyncio.run(measure(args, targets, upstream, progress))
+        if args.paired:
+            print(f"\n## Streaming, paired: each gym_vllm target and the pass-through in one closed loop, in turn; "
+                  f"{args.tokens} tokens/reply, {args.seconds:g} s per pair after {args.warmup:g} s warm-up, {os.cpu_count()} "
+                  f"CPUs, Python {platform.python_version()}, aiohttp {aiohttp.__version__}, {speedups()}\n")
+            print(paired_table(results))
+            print("\nexcess: gym_vllm's CPU per relayed event minus the pass-through's, both read over the same window; "
+                  "× pass-through: their ratio, diluted at low C (both wake with caches the other filled).")
+            if args.json:
+                Path(args.json).write_text(json.dumps({"paired": [dataclasses.asdict(r) for r in results]}, indent=2))
+                print(f"\nwrote {args.json}")
+            return 0 if all(r.errors == 0 for r in results) else 3
         add_ratios(results)
 
     setup = {"tokens": args.tokens, "seconds": args.seconds, "warmup": args.warmup, "think_tokens": args.think_tokens,

@@ -134,6 +134,7 @@ README_COMMANDS = {
     "python -m gym_vllm collect --url http://127.0.0.1:8080/v1 --input prompts.jsonl --output rollouts.jsonl --num-repeats 4":
         "test_collect.py::test_the_readme_command",
     ".venv/bin/python bench/bench_stream.py --tokens 256 --concurrency 1,16,64 --seconds 6": "test_readme_bench_commands",
+    ".venv/bin/python bench/bench_stream.py --paired --concurrency 1,64 --seconds 5": "test_readme_bench_commands",
     ".venv/bin/python bench/bench_proxy.py --concurrency 1,64,256,1024 --seconds 5 --rounds 3": "test_readme_bench_commands",
     ".venv/bin/python bench/bench_proxy.py --paired --ids-tokens 64 --rounds 3": "test_readme_bench_paired_command",
     ".venv/bin/python bench/bench_idle.py": "test_readme_bench_commands",
