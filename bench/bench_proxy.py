@@ -78,8 +78,8 @@ import argparse
 import asyncio
 import collections
 import dataclasses
+import functools
 import json
-import itertools
 import math
 import os
 import platform
@@ -87,12 +87,13 @@ import pstats
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Awaitable, Callable, TypeVar
 
 import aiohttp
 
-from harness import (JSON_HEADERS, Child, closed_loop, fmt, foreign_load, free_port, gym_child, open_fds, passthrough_child,
-                     percentile, progress, raise_nofile, running_children, speedups, start_all, upstream_child)
+from harness import (JSON_HEADERS, Child, alternating_loop, closed_loop, fmt, foreign_load, free_port, gym_child, open_fds,
+                     passthrough_child, percentile, progress, raise_nofile, running_children, speedups, start_all,
+                     upstream_child)
 
 TOOLS = [
     {"type": "function", "name": "get_weather", "description": "Current weather for a city.",
@@ -395,6 +396,11 @@ def floor_of(target: Target, targets: list[Target]) -> Target:
     return next(t for t in targets if t.proxy == "passthrough" and t.shape == target.shape)
 
 
+def _failed_pair(target: Target, concurrency: int, why: str) -> Paired:
+    nan = math.nan
+    return Paired(concurrency, target.key, target.label, why, 0, 0, 0, "", nan, nan, nan)
+
+
 async def run_paired(target: Target, floor: Target, pids: dict[str, int], concurrency: int, args: argparse.Namespace) -> Paired:
     nan = math.nan
     timeout = aiohttp.ClientTimeout(total=args.request_timeout, sock_connect=30)
@@ -403,16 +409,10 @@ async def run_paired(target: Target, floor: Target, pids: dict[str, int], concur
         try:
             expected = {t.key: (await probe(session, t))[0] for t in (floor, target)}
         except (ProbeError, aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
-            return Paired(concurrency, target.key, target.label, f"probe: {exc.__class__.__name__}: {exc}", 0, 0, 0, "", nan, nan, nan)
-        pair, turn = (floor, target), itertools.count()
-
-        async def one() -> tuple[str, Sample]:
-            chosen = pair[next(turn) % 2]
-            return chosen.key, await one_request(session, chosen, expected[chosen.key])
-
-        await asyncio.gather(*(one() for _ in range(2 * concurrency)))  # open the connections to both
-        window = await closed_loop(one, concurrency, args.warmup, args.seconds,
-                                   {"floor": pids[floor.proxy], "target": pids[target.proxy]}, end_of=lambda s: s[1].end)
+            return _failed_pair(target, concurrency, f"probe: {exc.__class__.__name__}: {exc}")
+        requests = [(t.key, functools.partial(one_request, session, t, expected[t.key])) for t in (floor, target)]
+        window = await alternating_loop(requests, concurrency, args.warmup, args.seconds,
+                                        {"floor": pids[floor.proxy], "target": pids[target.proxy]})
     good = collections.Counter(key for key, sample in window.samples if sample.ok)
     bad = [sample for _, sample in window.samples if not sample.ok]
     n, n_floor = good[target.key], good[floor.key]
@@ -429,32 +429,10 @@ def median_pair(rounds: list[Paired]) -> Paired:
     return chosen
 
 
-async def measure_paired(args: argparse.Namespace, targets: list[Target], all_targets: list[Target], pids: dict[str, int],
-                         children: list[Child]) -> list[Paired]:
-    """Every gym_vllm target paired with its pass-through at every level, `--rounds` times in alternating order."""
-    gyms = [t for t in targets if t.proxy and t.proxy.startswith("gym")]
-    results: list[Paired] = []
-    for level in args.levels:
-        rounds: dict[str, list[Paired]] = collections.defaultdict(list)
-        for round_index in range(args.rounds):
-            for target in gyms if round_index % 2 == 0 else gyms[::-1]:
-                dead = [c.name for c in children if not c.alive()]
-                if dead:
-                    nan = math.nan
-                    result = Paired(level, target.key, target.label, f"process(es) exited: {', '.join(dead)}", 0, 0, 0, "", nan, nan, nan)
-                else:
-                    result = await run_paired(target, floor_of(target, all_targets), pids, level, args)
-                rounds[target.key].append(result)
-                prefix = f"C={level:<5} {target.label:<30} paired" + (f" round {round_index + 1}" if args.rounds > 1 else "")
-                if result.failed:
-                    progress(f"{prefix} FAILED: {result.failed}")
-                else:
-                    progress(f"{prefix} proxy {result.cpu_s_per_1k:.3f} s/1k  pass-through {result.floor_cpu_s_per_1k:.3f} s/1k"
-                             f"  excess {result.excess_ms:+.3f} ms  {result.vs_passthrough:.2f}×  errors {result.errors}"
-                             + (f" ({result.first_error[:200]})" if result.errors else ""))
-                await asyncio.sleep(0.3)
-        results += [median_pair(rounds[target.key]) for target in gyms]
-    return results
+def _describe_pair(result: Paired) -> str:
+    return (f"paired: proxy {result.cpu_s_per_1k:.3f} s/1k  pass-through {result.floor_cpu_s_per_1k:.3f} s/1k"
+            f"  excess {result.excess_ms:+.3f} ms  {result.vs_passthrough:.2f}×  errors {result.errors}"
+            + (f" ({result.first_error[:200]})" if result.errors else ""))
 
 
 def paired_table(results: list[Paired]) -> str:
@@ -596,30 +574,33 @@ def median_round(rounds: list[Result]) -> Result:
     return chosen
 
 
-async def measure(args: argparse.Namespace, targets: list[Target], pids: dict[str, int], children: list[Child]) -> list[Result]:
-    """Every target at every level, `--rounds` times in alternating order (so no target always runs first or last
-    on a warming or cooling machine); the median round of each cell is reported."""
-    results: list[Result] = []
+def _describe_cell(result: Result) -> str:
+    return (f"{result.requests_per_s:8.0f} req/s  p50 {result.p50_ms:8.2f} ms  p99 {result.p99_ms:8.2f} ms"
+            f"  proxy {fmt(result.proxy_cpu_s_per_1k, '.3f')} s/1k  errors {result.errors}"
+            + (f" ({result.first_error[:200]})" if result.errors else "")
+            + (f"  [priming: {result.prime_errors} errors]" if result.prime_errors else ""))
+
+
+R = TypeVar("R", Result, Paired)
+
+
+async def measure(args: argparse.Namespace, targets: list[Target], children: list[Child],
+                  run: Callable[[Target, int], Awaitable[R]], failed: Callable[[Target, int, str], R],
+                  describe: Callable[[R], str], median: Callable[[list[R]], R]) -> list[R]:
+    """`run(target, C)` for every target at every level, `--rounds` times in alternating order (so no target always
+    runs first or last on a warming or cooling machine); `median` picks each cell's reported round."""
+    results: list[R] = []
     for level in args.levels:
-        rounds: dict[str, list[Result]] = collections.defaultdict(list)
+        rounds: dict[str, list[R]] = collections.defaultdict(list)
         for round_index in range(args.rounds):
             for target in targets if round_index % 2 == 0 else targets[::-1]:
                 dead = [c.name for c in children if not c.alive()]
-                if dead:
-                    result = _failed(target, level, f"process(es) exited: {', '.join(dead)}")
-                else:
-                    result = await run_cell(target, pids, level, args)
+                result = failed(target, level, f"process(es) exited: {', '.join(dead)}") if dead else await run(target, level)
                 rounds[target.key].append(result)
                 prefix = f"C={level:<5} {target.label:<30}" + (f" round {round_index + 1}" if args.rounds > 1 else "")
-                if result.failed:
-                    progress(f"{prefix} FAILED: {result.failed}")
-                else:
-                    progress(f"{prefix} {result.requests_per_s:8.0f} req/s  p50 {result.p50_ms:8.2f} ms"
-                             f"  p99 {result.p99_ms:8.2f} ms  proxy {fmt(result.proxy_cpu_s_per_1k, '.3f')} s/1k"
-                             f"  errors {result.errors}" + (f" ({result.first_error[:200]})" if result.errors else "")
-                             + (f"  [priming: {result.prime_errors} errors]" if result.prime_errors else ""))
+                progress(f"{prefix} FAILED: {result.failed}" if result.failed else f"{prefix} {describe(result)}")
                 await asyncio.sleep(0.3)
-        results += [median_round(rounds[target.key]) for target in targets]
+        results += [median(rounds[target.key]) for target in targets]
     return results
 
 
@@ -679,8 +660,12 @@ def main(argv: list[str] | None = None) -> int:
         targets = build_targets(args, ports)
         if args.paired:
             all_targets = build_targets(argparse.Namespace(**{**vars(args), "target_keys": ALL_TARGETS}), ports)
-            return report_paired(args, asyncio.run(measure_paired(args, targets, all_targets, pids, children)))
-        results = asyncio.run(measure(args, targets, pids, children))
+            gyms = [t for t in targets if t.proxy and t.proxy.startswith("gym")]
+            return report_paired(args, asyncio.run(measure(
+                args, gyms, children, lambda t, level: run_paired(t, floor_of(t, all_targets), pids, level, args),
+                _failed_pair, _describe_pair, median_pair)))
+        results = asyncio.run(measure(args, targets, children, lambda t, level: run_cell(t, pids, level, args), _failed,
+                                      _describe_cell, median_round))
         add_baselines(results)
 
     setup = {"tokens": args.tokens, "think_tokens": args.think_tokens, "tool_calls": args.tool_calls, "ids_tokens": args.ids_tokens,

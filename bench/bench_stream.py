@@ -34,7 +34,7 @@ import argparse
 import asyncio
 import collections
 import dataclasses
-import itertools
+import functools
 import json
 import math
 import os
@@ -46,8 +46,8 @@ from typing import Callable
 
 import aiohttp
 
-from harness import (JSON_HEADERS, Child, closed_loop, foreign_load, free_port, gym_child, passthrough_child, percentile,
-                     print_profile, progress, running_children, speedups, start_all, upstream_child)
+from harness import (JSON_HEADERS, Child, alternating_loop, closed_loop, foreign_load, free_port, gym_child, passthrough_child,
+                     percentile, print_profile, progress, running_children, speedups, start_all, upstream_child)
 from harness import fmt as _fmt
 
 
@@ -231,15 +231,9 @@ class PairedStream:
 
 async def run_paired(session: aiohttp.ClientSession, target: Target, floor: Target, upstream: Child, concurrency: int,
                      warmup_s: float, seconds: float) -> PairedStream:
-    expected = {t.key: await probe(session, t) for t in (floor, target)}
-    pair, turn = (floor, target), itertools.count()
-
-    async def one() -> tuple[str, Sample]:
-        chosen = pair[next(turn) % 2]
-        return chosen.key, await one_request(session, chosen, expected[chosen.key])
-
+    requests = [(t.key, functools.partial(one_request, session, t, await probe(session, t))) for t in (floor, target)]
     watch = {"upstream": upstream.pid, "floor": floor.proxy.pid, "target": target.proxy.pid}
-    window = await closed_loop(one, concurrency, warmup_s, seconds, watch, end_of=lambda s: s[1].end)
+    window = await alternating_loop(requests, concurrency, warmup_s, seconds, watch)
     events, requests = collections.Counter(), collections.Counter()
     for key, sample in window.samples:
         if sample.ok:

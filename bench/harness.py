@@ -10,7 +10,8 @@ Not a benchmark itself. `bench_stream.py`, `bench_proxy.py` and `bench_idle.py` 
   /proc/<pid>/status), `machine_cpu()` and `foreign_load()` (/proc/stat).
 * `closed_loop()`: C workers each sending one request after the other for warm-up + window, with
   the CPU of the watched processes, of the load generator and of the whole machine sampled at the
-  window's edges; only requests that end inside the window count.
+  window's edges; only requests that end inside the window count. `alternating_loop()`: the same over
+  several targets, one request each in turn (the benchmarks' `--paired`).
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import asyncio
 import contextlib
 import ctypes
 import dataclasses
+import itertools
 import math
 import os
 import pstats
@@ -293,6 +295,22 @@ async def closed_loop(one: Callable[[], Awaitable[S]], concurrency: int, warmup_
     t1, cpu1, me1, busy1 = marks["end"]
     return Window(samples=[s for s in samples if t0 <= end_of(s) <= t1], span=t1 - t0,
                   cpu={key: cpu1[key] - cpu0[key] for key in watch}, loadgen_cpu=me1 - me0, machine_busy=busy1 - busy0)
+
+
+async def alternating_loop(requests: Sequence[tuple[str, Callable[[], Awaitable[S]]]], concurrency: int, warmup_s: float,
+                           seconds: float, watch: dict[str, int], end_of: Callable[[S], float] = lambda s: s.end
+                           ) -> Window[tuple[str, S]]:
+    """`closed_loop` over several targets, given as (key, request) pairs: the workers send to them in turn, so each
+    target's processes are read over the same window as the others' (whatever else the machine does weighs on all
+    alike). Samples are (key, sample). It first opens C connections to each target."""
+    await asyncio.gather(*(request() for _, request in requests for _ in range(concurrency)))
+    turn = itertools.count()
+
+    async def one() -> tuple[str, S]:
+        key, request = requests[next(turn) % len(requests)]
+        return key, await request()
+
+    return await closed_loop(one, concurrency, warmup_s, seconds, watch, end_of=lambda sample: end_of(sample[1]))
 
 
 # ============================================================================================
