@@ -4,11 +4,14 @@ The model writes gibberish, so exact text is forced with `structured_outputs` re
 rest is checked by shape, ids and determinism.
 """
 
+import asyncio
+import gc
 import json
 
 import aiohttp
 import openai
 import pytest
+from aiohttp import web
 
 import gym_vllm
 
@@ -149,3 +152,26 @@ async def test_request_id_reaches_vllm(vllm_engine, proxy):
         model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=2, extra_headers={"X-Request-Id": "rollout-7"})
     assert raw.headers["x-request-id"] == "rollout-7"
     assert raw.parse().id == "chatcmpl-rollout-7"  # vLLM's own id for the request
+
+
+async def test_requests_to_real_vllm_are_freed_without_the_cycle_collector(vllm_engine, proxy):
+    """A plain and a streamed Response, a token-ID Response and vLLM's own 400, through real vLLM, with the cyclic
+    collector off: no request of the proxy outlives its handling (test_reliability covers the other error paths)."""
+    plain, ids = await proxy(server_config(vllm_engine)), await proxy(server_config(vllm_engine, return_token_id_information=True))
+    gc.collect()
+    gc.disable()
+    try:
+        async with aiohttp.ClientSession() as http:
+            for base, body in ((plain, {"input": "Hi", "max_output_tokens": 4}),
+                               (plain, {"input": "Hi", "max_output_tokens": 4, "stream": True}),
+                               (ids, {"input": "Hi", "max_output_tokens": 4}),
+                               (plain, {"input": "Hi", "max_output_tokens": 4, "temperature": -1})):
+                async with http.post(base + "/responses", json=body) as answer:
+                    await answer.read()
+                    assert answer.status == (400 if "temperature" in body else 200), await answer.text()
+        await asyncio.sleep(0.2)  # the connections are closed: the server's handlers of them end
+        alive = [o for o in gc.get_objects() if isinstance(o, gym_vllm.RequestContext)
+                 or isinstance(o, web.BaseRequest) and gym_vllm.CONFIG_KEY in o.app]
+    finally:
+        gc.enable()
+    assert [type(o).__name__ for o in alive] == []
