@@ -21,24 +21,34 @@ the event loop's work between them included.
 Targets (bench_proxy.py's, without the direct ones): passthrough, gym-chat, gym-resp, passthrough-tools,
 gym-resp-tools, passthrough-ids, gym-resp-ids. `--compare-src FILE` also measures every gym target with
 another gym_vllm.py (say, a `git worktree` of an earlier commit) and reports the change.
+
+`--conversion` also counts, for every gym target, the conversion alone: what the handler does to the request besides
+its I/O (the request decoded and checked, converted, vLLM's body written; vLLM's reply, fetched once from the fake
+upstream, decoded and converted, the answer written), run `--requests` times in a loop in a process of its own, under
+callgrind from the start: its count minus that of a run with no iterations. The rest of gym_vllm's count is the
+I/O path (aiohttp's client and server, timeouts, ids, counters).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import gc
 import json
+import os
 import platform
 import shutil
 import subprocess
 import sys
+import urllib.request
 from pathlib import Path
 
 import aiohttp
 
 import bench_proxy
-from harness import (Child, fmt, free_port, gym_child, passthrough_child, progress, running_children, speedups, start_all,
-                     upstream_child)
+import gym_vllm
+from harness import (Child, fmt, free_port, gym_child, gym_config, passthrough_child, progress, running_children, speedups,
+                     start_all, upstream_child)
 
 TARGETS = ("passthrough", "gym-chat", "gym-resp", "passthrough-tools", "gym-resp-tools", "passthrough-ids", "gym-resp-ids")
 
@@ -86,17 +96,84 @@ async def count(target: bench_proxy.Target, child: Child, dump: Path, requests: 
     return instructions_in(dumps[0])
 
 
+# --- the conversion alone --------------------------------------------------------------------------
+
+def convert_once(endpoint: str, request_raw: bytes, reply_raw: bytes, config: gym_vllm.ServerConfig) -> bytes:
+    """What the handler of `endpoint` (`response` or `chat.completion`) does to one request besides its I/O, with the
+    same functions in the same order (handle_responses, handle_chat_completions)."""
+    request = gym_vllm._loads(request_raw)
+    gym_vllm._holds_lone_surrogate(request_raw, request)
+    if endpoint == "response":
+        gym_vllm.request_json(gym_vllm.responses_request_to_chat(request, config))
+        reply = gym_vllm._loads(reply_raw, None if request.get("top_logprobs") else gym_vllm.CompletionForResponse)
+        return gym_vllm.response_json(gym_vllm.chat_response_to_responses(reply, request, config))
+    metadata = request.get("metadata") if isinstance(request.get("metadata"), dict) else None
+    gym_vllm.request_json(gym_vllm.prepare_chat_request(request, config, metadata=metadata))
+    return gym_vllm._dumps(gym_vllm.chat_response_for_client(gym_vllm._loads(reply_raw), request, config)).encode()
+
+
+def conversion_inputs(workdir: Path, target: bench_proxy.Target, upstream_port: int) -> Path:
+    """A folder with what `--conversion-loop` needs for `target`: its config, request, endpoint and vLLM's reply to it
+    (asked of the fake upstream with the body gym_vllm would send)."""
+    folder = workdir / f"conversion-{target.key}"
+    folder.mkdir()
+    (folder / "config.yaml").write_text(gym_config(upstream_port, free_port(), token_ids=target.proxy == "gym_ids"))
+    [config] = gym_vllm.load_config([str(folder / "config.yaml")])
+    request = json.loads(target.body)
+    chat_body = (gym_vllm.responses_request_to_chat(request, config) if target.expect_object == "response"
+                 else gym_vllm.prepare_chat_request(request, config))
+    upstream = urllib.request.Request(f"http://127.0.0.1:{upstream_port}/v1/chat/completions", data=gym_vllm.request_json(chat_body),
+                                      headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(upstream, timeout=30) as answer:
+        (folder / "reply.json").write_bytes(answer.read())
+    (folder / "request.json").write_bytes(target.body)
+    (folder / "endpoint").write_text(target.expect_object)
+    return folder
+
+
+def conversion_loop(folder: Path, iterations: int) -> None:
+    """`convert_once` on the folder's request: 100 times to warm up, then `iterations` times (the counted run), with the
+    garbage collector set as the gym_vllm CLI sets it."""
+    gc.freeze()
+    gc.set_threshold(*gym_vllm.GC_THRESHOLDS)
+    [config] = gym_vllm.load_config([str(folder / "config.yaml")])
+    endpoint = (folder / "endpoint").read_text()
+    request_raw, reply_raw = (folder / "request.json").read_bytes(), (folder / "reply.json").read_bytes()
+    for _ in range(100 + iterations):
+        convert_once(endpoint, request_raw, reply_raw, config)
+
+
+def conversion_instructions(folder: Path, iterations: int) -> float:
+    """Instructions of one `convert_once`: a loop of `iterations` under callgrind minus a loop of none. Both with one hash
+    seed: start-up's count then repeats exactly (with random seeds it moves by ~0.5 M instructions)."""
+    totals = []
+    for count in (0, iterations):
+        dump = folder / f"loop-{count}.callgrind"
+        subprocess.run(["valgrind", "--tool=callgrind", f"--callgrind-out-file={dump}", sys.executable, __file__,
+                        "--conversion-loop", str(folder), "--requests", str(count)], check=True, capture_output=True,
+                       timeout=600, env={**os.environ, "PYTHONHASHSEED": "0"})
+        totals.append(instructions_in(dump))
+    return (totals[1] - totals[0]) / iterations
+
+
 def report(rows: list[dict], args: argparse.Namespace) -> str:
     floor = {row["shape"]: row["k_instructions"] for row in rows if row["proxy"] == "passthrough"}
+    conversion = args.conversion
     lines = [f"## Instructions per request (valgrind), {args.requests} requests per target after {args.warmup} warm-up, "
              f"Python {platform.python_version()}, aiohttp {aiohttp.__version__}, {speedups()}", "",
-             "| target | source | k instructions / request | × passthrough |", "|---|---|---|---|"]
+             "| target | source | k instructions / request | × passthrough |" + (" of it, the conversion alone |" if conversion else ""),
+             "|---|---|---|---|" + ("---|" if conversion else "")]
     for row in rows:
         base = floor.get(row["shape"])
         ratio = f"{row['k_instructions'] / base:.2f}×" if base and row["proxy"] != "passthrough" else "–"
-        lines.append(f"| {row['label']} | {row['source']} | {fmt(row['k_instructions'])} | {ratio} |")
+        line = f"| {row['label']} | {row['source']} | {fmt(row['k_instructions'])} | {ratio} |"
+        if conversion:
+            line += f" {fmt(row['k_conversion'])} |" if "k_conversion" in row else " – |"
+        lines.append(line)
     lines += ["", "User-space instructions of the proxy process only (no system calls, no kernel networking); "
                   "× passthrough: over the pass-through's of the same shape."]
+    if conversion:
+        lines.append("The conversion alone: the handler's work besides I/O, looped in a process of its own (--conversion).")
     return "\n".join(lines)
 
 
@@ -108,12 +185,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ids-tokens", type=int, default=64, help="tokens per answer of the ids shape (default 64)")
     parser.add_argument("--compare-src", metavar="FILE", help="another gym_vllm.py to measure on every gym target")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--conversion", action="store_true",
+                        help="also count each gym target's conversion alone (its work besides I/O, in a loop)")
+    parser.add_argument("--conversion-loop", metavar="FOLDER", type=Path, help=argparse.SUPPRESS)  # the loop's own process
     args = parser.parse_args(argv)
     args.target_keys = [t.strip() for t in args.targets.split(",") if t.strip()]
     unknown = set(args.target_keys) - set(TARGETS)
     if unknown:
         parser.error(f"unknown --targets: {', '.join(sorted(unknown))}")
-    if args.requests < 1 or args.warmup < 0 or args.ids_tokens < 1:
+    if args.requests < (0 if args.conversion_loop else 1) or args.warmup < 0 or args.ids_tokens < 1:
         parser.error("--requests and --ids-tokens must be >= 1, --warmup >= 0")
     if args.compare_src and not Path(args.compare_src).is_file():
         parser.error(f"--compare-src {args.compare_src}: no such file")
@@ -125,6 +205,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
+    if args.conversion_loop:
+        conversion_loop(args.conversion_loop, args.requests)
+        return 0
     shape_args = bench_proxy.parse_args(["--targets", ",".join(args.target_keys), "--ids-tokens", str(args.ids_tokens)])
     rows: list[dict] = []
     with running_children("bench_instructions.py") as (workdir, children):
@@ -146,6 +229,11 @@ def main(argv: list[str] | None = None) -> int:
                        "source": source, "k_instructions": total / args.requests / 1000}
                 rows.append(row)
                 progress(f"{target.label:<30} {source:<20} {row['k_instructions']:8.0f} k instructions/request")
+            if args.conversion and target.proxy != "passthrough":  # this checkout's, like the row measured first
+                this_checkout = rows[-len(sources)]
+                this_checkout["k_conversion"] = conversion_instructions(conversion_inputs(workdir, target, upstream_port),
+                                                                        args.requests) / 1000
+                progress(f"{target.label:<30} {'the conversion alone':<20} {this_checkout['k_conversion']:8.0f} k instructions")
     print(report(rows, args))
     if args.json:
         Path(args.json).write_text(json.dumps({"requests": args.requests, "warmup": args.warmup, "rows": rows}, indent=1))
