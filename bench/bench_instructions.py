@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import gc
 import json
 import os
 import platform
@@ -132,15 +131,17 @@ def conversion_inputs(workdir: Path, target: bench_proxy.Target, upstream_port: 
 
 
 def conversion_loop(folder: Path, iterations: int) -> None:
-    """`convert_once` on the folder's request: 100 times to warm up, then `iterations` times (the counted run), with the
-    garbage collector set as the gym_vllm CLI sets it."""
-    gc.freeze()
-    gc.set_threshold(*gym_vllm.GC_THRESHOLDS)
+    """`convert_once` on the folder's request: 100 times to warm up, then `iterations` times (the counted run), run by
+    the gym_vllm CLI's own runner, so that the garbage collector is set as it sets it."""
     [config] = gym_vllm.load_config([str(folder / "config.yaml")])
     endpoint = (folder / "endpoint").read_text()
     request_raw, reply_raw = (folder / "request.json").read_bytes(), (folder / "reply.json").read_bytes()
-    for _ in range(100 + iterations):
-        convert_once(endpoint, request_raw, reply_raw, config)
+
+    async def loop() -> None:
+        for _ in range(100 + iterations):
+            convert_once(endpoint, request_raw, reply_raw, config)
+
+    gym_vllm.run_until_done(loop)
 
 
 def conversion_instructions(folder: Path, iterations: int) -> float:
