@@ -2871,6 +2871,12 @@ def build_app(config: ServerConfig, workers: int = 1, metrics_dir: str | None = 
 # ============================================================================================
 
 
+# Connections the kernel completes while the event loop is busy, before it accepts them. aiohttp's default, 128, is
+# too few for a rollout burst: past it, the kernel drops new SYNs and each client waits 1 s (then 3, 7 s) to retry.
+# The kernel caps it at net.core.somaxconn (4096 by default).
+LISTEN_BACKLOG = 4096
+
+
 async def start_server(config: ServerConfig, host: str | None = None, port: int | None = None,
                        app: web.Application | None = None, workers: int = 1, metrics_dir: str | None = None) -> web.AppRunner:
     """Starts one server and returns its runner (`await runner.cleanup()` stops it).
@@ -2882,7 +2888,8 @@ async def start_server(config: ServerConfig, host: str | None = None, port: int 
     runner = web.AppRunner(app or build_app(config, workers, metrics_dir), access_log=None, handle_signals=False,
                            shutdown_timeout=config.shutdown_timeout_s)
     await runner.setup()
-    site = web.TCPSite(runner, host or config.host, config.port if port is None else port, reuse_port=workers > 1 or None)
+    site = web.TCPSite(runner, host or config.host, config.port if port is None else port, backlog=LISTEN_BACKLOG,
+                       reuse_port=workers > 1 or None)
     try:
         await site.start()
     except OSError as exc:

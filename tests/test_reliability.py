@@ -245,3 +245,39 @@ async def test_handled_requests_are_freed_without_the_cycle_collector(fake_upstr
     finally:
         gc.enable()
     assert [f"{type(o).__name__} {o.path if isinstance(o, web.BaseRequest) else o.request.path}" for o in alive] == []
+
+
+async def test_a_burst_of_connections_waits_in_the_kernel_while_the_loop_is_busy(fake_upstreams):
+    """While the event loop is busy (a burst of requests, a collection), the kernel completes new connections up to
+    the listen backlog; past it, it drops their SYNs and each client waits a second or more to retry. aiohttp's default
+    backlog, 128, is too few for a rollout burst."""
+    import resource
+    import select
+    import socket
+    burst = 600
+    if int(Path("/proc/sys/net/core/somaxconn").read_text()) < burst:
+        pytest.skip("net.core.somaxconn caps every listen backlog below the burst")
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < burst + 200:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (min(hard, 4096), hard))
+    [(_, url)] = await fake_upstreams(1)
+    runner = await gym_vllm.start_server(server_config(url), port=0)
+    port = runner.addresses[0][1]
+    clients = []
+    try:
+        for _ in range(burst):  # the loop runs none of this: it accepts nothing until the next await
+            client = socket.socket()
+            client.setblocking(False)
+            client.connect_ex(("127.0.0.1", port))
+            clients.append(client)
+        time.sleep(0.3)
+        _, connected, _ = select.select([], clients, [], 0)
+        completed = [c for c in connected if c.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR) == 0]
+        assert len(completed) == burst, f"{len(completed)} of {burst} connections completed; the rest wait to retry"
+    finally:
+        for client in clients:
+            client.close()
+    try:
+        assert (await post(f"http://127.0.0.1:{port}/v1"))[0] == 200
+    finally:
+        await runner.cleanup()
