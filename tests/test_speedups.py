@@ -168,6 +168,36 @@ def test_request_bodies_are_written_as_json_writes_them(body):
     assert gym_vllm.request_json(body) == gym_vllm._dumps(body).encode()
 
 
+@pytest.mark.skipif(gym_vllm.JSON_CODEC == "json", reason="msgspec is not installed: nothing to compare")
+@settings(max_examples=1000, deadline=None)
+@given(any_json)
+def test_containers_are_written_as_json_writes_them(value):
+    assert bytes(gym_vllm._json_raw(value)) == gym_vllm._dumps(value).encode()
+
+
+@pytest.mark.skipif(gym_vllm.JSON_CODEC == "json", reason="msgspec is not installed: nothing to compare")
+@pytest.mark.parametrize("value", [
+    [1e-07], {"a": [1, 1e16]}, {"minimum": 1e-05}, [-1.2e-05, 0.5], [float("nan")], {"x": float("inf")}, [1e22, -0.0],
+    {"alike": [0.5, 2, 0.0001, 123.25, 1e15], "text": "1e-5, null, 0.00001, e-mail"}, [None], [2**70, -0.0]])
+def test_containers_in_every_float_spelling(value):
+    assert bytes(gym_vllm._json_raw(value)) == gym_vllm._dumps(value).encode()
+
+
+@pytest.mark.skipif(gym_vllm.JSON_CODEC == "json", reason="msgspec is not installed: nothing to compare")
+def test_tool_definitions_and_token_histories_are_written_without_json(monkeypatch):
+    """The two large parts of a request body that json used to write: tool definitions, and the token ids and log
+    probs of earlier turns (NeMo RL sends them back every turn: 3.7x fewer instructions for four turns of 256 tokens)."""
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "Weather for a city.", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string", "description": "e.g. Paris", "maxLength": 80}},
+        "required": ["city"]}}}]
+    turn = {"role": "assistant", "content": "4", "prompt_token_ids": [1, 2, 3], "generation_token_ids": [4, 5, 6, 7],
+            "generation_log_probs": [-1.1920928955078125e-07, -1.2e-05, -0.25, 0]}
+    body = {"messages": [{"role": "user", "content": "2+2?"}, turn], "model": "m", "tools": tools, "temperature": 0.7}
+    expected = gym_vllm._dumps(body).encode()
+    monkeypatch.setattr(gym_vllm, "_dumps", None)  # json would fail: msgspec alone writes them
+    assert gym_vllm.request_json(body) == expected
+
+
 def test_converted_request_bodies_are_written_as_json_writes_them():
     history = [{"type": "message", "role": "user", "content": "q é \u2028 \"x\""},
                {"type": "reasoning", "summary": [{"type": "summary_text", "text": "r"}],
