@@ -855,10 +855,10 @@ def _token_bundle(item: dict, param: str) -> dict | None:
         raise bad_request(f"`{param}` carries {', '.join(present)} but not {', '.join(missing)}; send all three token fields or none", f"{param}.{missing[0]}")
     for key in ("prompt_token_ids", "generation_token_ids"):
         values = item[key]
-        if not isinstance(values, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in values):
+        if not isinstance(values, list) or not _only(values, _INTS):
             raise bad_request(f"`{param}.{key}` must be a list of integers", f"{param}.{key}")
     log_probs = item["generation_log_probs"]
-    if not isinstance(log_probs, list) or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in log_probs):
+    if not isinstance(log_probs, list) or not _only(log_probs, _NUMBERS):
         raise bad_request(f"`{param}.generation_log_probs` must be a list of numbers", f"{param}.generation_log_probs")
     if len(log_probs) != len(item["generation_token_ids"]):
         raise bad_request(f"`{param}`: generation_token_ids and generation_log_probs differ in length", f"{param}.generation_log_probs")

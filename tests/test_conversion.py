@@ -238,6 +238,10 @@ def test_token_ids_on_input_items_ride_on_the_rebuilt_assistant_message():
     ({"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}", "prompt_token_ids": [1]}, "input[0].generation_log_probs"),
     ({"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}", **BUNDLE, "generation_log_probs": [-1.0]}, "input[0].generation_log_probs"),
     ({"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}", **BUNDLE, "prompt_token_ids": ["x"]}, "input[0].prompt_token_ids"),
+    ({"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}", **BUNDLE, "generation_token_ids": [3, True]}, "input[0].generation_token_ids"),
+    ({"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}", **BUNDLE, "generation_token_ids": [3, 4.0]}, "input[0].generation_token_ids"),
+    ({"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}", **BUNDLE, "generation_log_probs": [-0.5, False]}, "input[0].generation_log_probs"),
+    ({"type": "function_call", "call_id": "c", "name": "f", "arguments": "{}", **BUNDLE, "generation_log_probs": [-0.5, "x"]}, "input[0].generation_log_probs"),
     ({"role": "user", "content": "q", **BUNDLE}, "input[0].prompt_token_ids"),
 ])
 def test_bad_token_bundles(item, param):
