@@ -248,6 +248,17 @@ def test_bad_token_bundles(item, param):
     rejects({"input": [item]}, param, TRAIN)
 
 
+@pytest.mark.parametrize("values, types, expected", [
+    ([], gym_vllm._INTS, True), ([1, 2, 3], gym_vllm._INTS, True), ([1, True], gym_vllm._INTS, False),
+    ([True, 1], gym_vllm._INTS, False), ([1, 2.0], gym_vllm._INTS, False), ([None], gym_vllm._INTS, False),
+    ([-0.5, -1e-07], gym_vllm._NUMBERS, True), ([-0.5, 0, -1.5], gym_vllm._NUMBERS, True), ([0, -0.5], gym_vllm._NUMBERS, True),
+    ([-0.5, False], gym_vllm._NUMBERS, False), ([-0.5, "x"], gym_vllm._NUMBERS, False), (["a", "b"], gym_vllm._STRS, True),
+    (["a", b"b"], gym_vllm._STRS, False), ([{}, []], gym_vllm._DICTS, False),
+])
+def test_only_checks_every_element_type(values, types, expected):
+    assert gym_vllm._only(values, types) is expected
+
+
 # --- the <think> parser ---------------------------------------------------------------------
 
 
