@@ -26,6 +26,10 @@ concurrency level C, it runs one closed-loop cell per target (all requests non-s
                         `return_token_ids`, `return_tokens_as_token_ids`) straight to the upstream
       passthrough-ids   the same through the pass-through
       gym-resp-ids      /v1/responses through the token-id gym_vllm (ids on the last output item)
+    `--history-turns N` (default 0) puts N earlier turns of an agent rollout before the ids shape's question, as
+    NeMo RL sends them: each a tool call carrying the prompt ids, generated ids and log probs of its turn (prompts
+    from 200 tokens, growing by the answer and 20 tokens a turn), then the tool's output; the chat targets carry the
+    same turns as the messages gym_vllm makes of them
 
 The upstream's answer size follows the request fields `max_tokens`, `bench_think_tokens` and
 `bench_tool_calls` (gym_vllm forwards unknown fields), so within a shape every target makes the
@@ -91,6 +95,7 @@ from typing import Any, Awaitable, Callable, TypeVar
 
 import aiohttp
 
+import fake_upstream
 from harness import (JSON_HEADERS, Child, alternating_loop, closed_loop, fmt, foreign_load, free_port, gym_child, open_fds,
                      passthrough_child, percentile, progress, raise_nofile, running_children, speedups, start_all,
                      upstream_child)
@@ -217,6 +222,26 @@ async def probe(session: aiohttp.ClientSession, target: Target) -> tuple[Signatu
     return signature, len(raw)
 
 
+def history(turns: int, answer_tokens: int) -> tuple[list[dict], list[dict]]:
+    """`turns` earlier turns of a rollout as Responses input items with their token ids and log probs, and as the chat
+    messages gym_vllm makes of them."""
+    items: list[dict] = []
+    messages: list[dict] = []
+    prompt = 200
+    for turn in range(turns):
+        tokens = {"prompt_token_ids": [1000 + (7 * k) % 30000 for k in range(prompt)],
+                  "generation_token_ids": [1000 + (11 * k) % 30000 for k in range(answer_tokens)],
+                  "generation_log_probs": [fake_upstream.LOGPROBS[k % len(fake_upstream.LOGPROBS)] for k in range(answer_tokens)]}
+        call_id, arguments = f"call_{turn}", json.dumps({"city": "Paris", "turn": turn})
+        items += [{"type": "function_call", "call_id": call_id, "name": "get_weather", "arguments": arguments, **tokens},
+                  {"type": "function_call_output", "call_id": call_id, "output": "18 C and sunny"}]
+        messages += [{"role": "assistant", "content": None, "tool_calls": [{"id": call_id, "type": "function", "function": {
+                          "name": "get_weather", "arguments": arguments}}], **tokens},
+                     {"role": "tool", "tool_call_id": call_id, "content": "18 C and sunny"}]
+        prompt += answer_tokens + 20
+    return items, messages
+
+
 def build_targets(args: argparse.Namespace, ports: dict[str, int]) -> list[Target]:
     tokens, ids_tokens, think, calls = args.tokens, args.ids_tokens, args.think_tokens, args.tool_calls
     bench_fields = {"bench_think_tokens": think}
@@ -239,7 +264,12 @@ def build_targets(args: argparse.Namespace, ports: dict[str, int]) -> list[Targe
 
     plain_chat = chat(tokens)
     tools_chat = chat(tokens, tools=CHAT_TOOLS, tool_choice="auto", bench_tool_calls=calls)
-    ids_chat = chat(ids_tokens, logprobs=True, top_logprobs=0, return_token_ids=True, return_tokens_as_token_ids=True)
+    history_items, history_messages = history(args.history_turns, ids_tokens)
+    ids_chat = json.dumps({"model": "bench", "messages": [{"role": "user", "content": PROMPT}, *history_messages],
+                           "max_tokens": ids_tokens, **bench_fields, "logprobs": True, "top_logprobs": 0,
+                           "return_token_ids": True, "return_tokens_as_token_ids": True}).encode()
+    ids_responses = {"input": [{"role": "user", "content": PROMPT}, *history_items] if history_items else PROMPT,
+                     "max_output_tokens": ids_tokens, **bench_fields}
     cc, resp = "/v1/chat/completions", "/v1/responses"
     finish_tools = "tool_calls" if calls else "length"
     sig_plain = ("chat", "length", tokens, 0, 0, 0)
@@ -264,7 +294,7 @@ def build_targets(args: argparse.Namespace, ports: dict[str, int]) -> list[Targe
         Target("passthrough-ids", "passthrough chat ids", "ids", url("passthrough", cc), ids_chat, "passthrough",
                "chat.completion", chat_signature, sig_ids),
         Target("gym-resp-ids", "gym_vllm(ids) responses ids", "ids", url("gym_ids", resp),
-               json.dumps(responses(ids_tokens)).encode(), "gym_ids", "response", responses_signature,
+               json.dumps(ids_responses).encode(), "gym_ids", "response", responses_signature,
                ("response", "incomplete", items(0, ids_tokens), ids_tokens, ids_tokens, ids_tokens)),
     ]
     selected = [t for t in targets if t.key in args.target_keys]
@@ -522,6 +552,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--think-tokens", type=int, default=16, help="tokens inside the leading <think> block (default 16)")
     parser.add_argument("--tool-calls", type=int, default=1, help="tool calls in the answers of the tools shape (default 1)")
     parser.add_argument("--ids-tokens", type=int, default=256, help="tokens per answer of the ids shape (default 256)")
+    parser.add_argument("--history-turns", type=int, default=0,
+                        help="earlier turns, with their token ids and log probs, before the ids shape's question (default 0)")
     parser.add_argument("--request-timeout", type=float, default=120.0, help="client timeout per request, s (default 120)")
     parser.add_argument("--upstream-port", type=int, default=0,
                         help="port of the fake upstream (default: a free one); fix it to put a --compare-url server in front of it")
@@ -553,8 +585,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.target_keys) - set(ALL_TARGETS)
     if unknown:
         parser.error(f"unknown --targets: {', '.join(sorted(unknown))}")
-    if args.tokens < 1 or args.ids_tokens < 1 or args.think_tokens < 0 or args.tool_calls < 0:
-        parser.error("--tokens and --ids-tokens must be >= 1, --think-tokens and --tool-calls >= 0")
+    if args.tokens < 1 or args.ids_tokens < 1 or args.think_tokens < 0 or args.tool_calls < 0 or args.history_turns < 0:
+        parser.error("--tokens and --ids-tokens must be >= 1, --think-tokens, --tool-calls and --history-turns >= 0")
     if args.seconds <= 0 or args.warmup < 0 or args.rounds < 1:
         parser.error("--seconds must be > 0, --warmup >= 0, --rounds >= 1")
     if args.compare_pid and not os.path.exists(f"/proc/{args.compare_pid}/stat"):
@@ -604,9 +636,13 @@ async def measure(args: argparse.Namespace, targets: list[Target], children: lis
     return results
 
 
+def ids_shape(args: argparse.Namespace) -> str:
+    return f"{args.ids_tokens} with token ids" + (f", after {args.history_turns} earlier turns" if args.history_turns else "")
+
+
 def report_paired(args: argparse.Namespace, results: list[Paired]) -> int:
     print(f"\n## Paired CPU per request: each gym_vllm target and the pass-through in one closed loop, in turn; "
-          f"{args.tokens}-token answers with a {args.think_tokens}-token <think> block ({args.ids_tokens} with token ids), "
+          f"{args.tokens}-token answers with a {args.think_tokens}-token <think> block ({ids_shape(args)}), "
           f"{args.seconds:g} s per pair after {args.warmup:g} s warm-up"
           + (f", median of {args.rounds} rounds" if args.rounds > 1 else "")
           + f", {os.cpu_count()} CPUs, Python {platform.python_version()}, aiohttp {aiohttp.__version__}, {speedups()}\n")
@@ -669,11 +705,12 @@ def main(argv: list[str] | None = None) -> int:
         add_baselines(results)
 
     setup = {"tokens": args.tokens, "think_tokens": args.think_tokens, "tool_calls": args.tool_calls, "ids_tokens": args.ids_tokens,
+             "history_turns": args.history_turns,
              "seconds": args.seconds, "warmup": args.warmup, "rounds": args.rounds, "levels": args.levels, "compare_url": args.compare_url,
              "cpus": os.cpu_count(), "python": platform.python_version(), "aiohttp": aiohttp.__version__, "speedups": speedups(),
              "profiled": bool(args.profile_gym or args.profile_gym_ids or args.profile_passthrough), "busy_cores_before_start": round(background, 3)}
     print(f"\n## Non-streaming benchmark: {args.tokens}-token answers with a {args.think_tokens}-token <think> block "
-          f"({args.ids_tokens} with token ids), {args.seconds:g} s per cell after {args.warmup:g} s warm-up, "
+          f"({ids_shape(args)}), {args.seconds:g} s per cell after {args.warmup:g} s warm-up, "
           + (f"median of {args.rounds} rounds in alternating order, " if args.rounds > 1 else "")
           + f"{os.cpu_count()} CPUs, Python {setup['python']}, aiohttp {setup['aiohttp']}, {setup['speedups']}, "
           f"{background:.2f} cores busy before start\n")

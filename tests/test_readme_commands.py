@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+import gym_vllm
 import tiny_engine
 from conftest import server_config, strict_client, vllm_parses
 
@@ -327,3 +328,27 @@ def test_bench_proxy_reports_the_median_round():
     direct = [dataclasses.replace(r, proxy_cpu_s_per_1k=None) for r in rounds]  # no proxy: the median by p50
     assert bench_proxy.median_round(direct).p50_ms == 2.0
     assert bench_proxy.median_round([failed]).failed == "probe: boom"
+
+
+def test_bench_history_turns_give_both_proxies_the_same_messages():
+    """`--history-turns`: the pass-through forwards the very messages gym_vllm makes of the Responses history, so the
+    two carry the same token ids and log probs; without it the bodies are the single question they always were."""
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import bench_proxy
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    ports = {"upstream": 1, "passthrough": 2, "gym": 3, "gym_ids": 4}
+
+    def bodies(*flags: str) -> dict:
+        args = bench_proxy.parse_args(["--targets", "passthrough-ids,gym-resp-ids", "--ids-tokens", "8", *flags])
+        return {target.key: json.loads(target.body) for target in bench_proxy.build_targets(args, ports)}
+
+    plain = bodies()
+    assert plain["gym-resp-ids"]["input"] == bench_proxy.PROMPT and len(plain["passthrough-ids"]["messages"]) == 1
+    history = bodies("--history-turns", "3")
+    config = server_config("http://u/v1", return_token_id_information=True)
+    converted = gym_vllm.responses_request_to_chat(history["gym-resp-ids"], config)["messages"]
+    assert converted == history["passthrough-ids"]["messages"] and len(converted) == 7
+    assert [len(m["prompt_token_ids"]) for m in converted if m["role"] == "assistant"] == [200, 228, 256]
+    assert all(len(m["generation_log_probs"]) == 8 for m in converted if m["role"] == "assistant")
