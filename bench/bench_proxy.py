@@ -440,8 +440,8 @@ async def run_paired(target: Target, floor: Target, pids: dict[str, int], concur
             expected = {t.key: (await probe(session, t))[0] for t in (floor, target)}
         except (ProbeError, aiohttp.ClientError, asyncio.TimeoutError, OSError) as exc:
             return _failed_pair(target, concurrency, f"probe: {exc.__class__.__name__}: {exc}")
-        requests = [(t.key, functools.partial(one_request, session, t, expected[t.key])) for t in (floor, target)]
-        window = await alternating_loop(requests, concurrency, args.warmup, args.seconds,
+        senders = [(t.key, functools.partial(one_request, session, t, expected[t.key])) for t in (floor, target)]
+        window = await alternating_loop(senders, concurrency, args.warmup, args.seconds,
                                         {"floor": pids[floor.proxy], "target": pids[target.proxy]})
     good = collections.Counter(key for key, sample in window.samples if sample.ok)
     bad = [sample for _, sample in window.samples if not sample.ok]

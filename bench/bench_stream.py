@@ -231,9 +231,9 @@ class PairedStream:
 
 async def run_paired(session: aiohttp.ClientSession, target: Target, floor: Target, upstream: Child, concurrency: int,
                      warmup_s: float, seconds: float) -> PairedStream:
-    requests = [(t.key, functools.partial(one_request, session, t, await probe(session, t))) for t in (floor, target)]
+    senders = [(t.key, functools.partial(one_request, session, t, await probe(session, t))) for t in (floor, target)]
     watch = {"upstream": upstream.pid, "floor": floor.proxy.pid, "target": target.proxy.pid}
-    window = await alternating_loop(requests, concurrency, warmup_s, seconds, watch)
+    window = await alternating_loop(senders, concurrency, warmup_s, seconds, watch)
     events, requests = collections.Counter(), collections.Counter()
     for key, sample in window.samples:
         if sample.ok:
