@@ -197,26 +197,57 @@ _msgspec = _optional_msgspec()
 JSON_CODEC = "msgspec" if _msgspec else "json"  # named in benchmark headers and the CLI's debug log
 
 
+LONE_SURROGATE = ("holds a lone UTF-16 surrogate escape (like \\ud800) in a string; no UTF-8 text can carry it: send "
+                  "a complete pair or the character itself")
+
+
+def _holds_lone_surrogate(raw: bytes | str, value: Any) -> bool:
+    """Whether `value`, decoded from `raw`, holds a str that cannot be encoded as UTF-8.
+
+    `"\\ud800"` is valid JSON and json.loads makes it such a str: refused where it comes in, not a 500 (or a crashed
+    `collect`) when it is sent on. Checked in full only when `raw` has a surrogate escape at all; pairs, which clients
+    that escape non-ASCII send for emoji, are fine."""
+    markers = (b"\\ud", b"\\uD") if isinstance(raw, bytes) else ("\\ud", "\\uD")
+    if markers[0] not in raw and markers[1] not in raw:
+        return False
+    try:
+        _dumps(value).encode()
+    except UnicodeEncodeError:
+        return True
+    return False
+
+
+class LoneSurrogate(ValueError):
+    """Valid JSON that holds a str no UTF-8 text can carry (LONE_SURROGATE)."""
+
+
 def _json_decoder() -> Callable[..., Any]:
-    """`decode(raw, schema=None)`: msgspec's decoder when there is msgspec, else json.loads. Values are identical either
-    way: msgspec is stricter (NaN, 1e400, a BOM, lone surrogates), and what it refuses json decides. Nesting too deep
-    for either is a ValueError, like any other bad JSON, never a crash.
+    """`decode(raw, schema=None, sendable=False)`: msgspec's decoder when there is msgspec, else json.loads. Values are
+    identical either way: msgspec is stricter (NaN, 1e400, a BOM, lone surrogates), and what it refuses json decides.
+    Nesting too deep for either is a ValueError, like any other bad JSON, never a crash.
 
     With msgspec and a TypedDict `schema`, only what the schema names is decoded (objects it does not describe are
-    skipped, not built); a document of another shape is decoded in full, as without a schema."""
+    skipped, not built); a document of another shape is decoded in full, as without a schema.
+
+    `sendable`: the text comes from a client and is sent on as UTF-8, so a str holding a lone surrogate escape raises
+    LoneSurrogate. Only json makes such a str: what msgspec decodes needs no search of the whole text for one
+    (~1 us a KB, 20 us for a 4-turn token history)."""
     msgspec = _msgspec
 
-    def loads(raw: bytes | str, schema: type | None = None) -> Any:
+    def loads(raw: bytes | str, schema: type | None = None, sendable: bool = False) -> Any:
         try:
             if msgspec is not None:
                 try:
                     return (typed_decoder(schema) if schema else fast)(raw)
                 except msgspec.DecodeError:  # ValidationError, a document of another shape, is one too
                     if schema:
-                        return loads(raw)
-            return json.loads(raw)
+                        return loads(raw, sendable=sendable)
+            value = json.loads(raw)
         except RecursionError:
             raise ValueError("JSON nested too deeply") from None
+        if sendable and _holds_lone_surrogate(raw, value):
+            raise LoneSurrogate(LONE_SURROGATE)
+        return value
 
     if msgspec is None:
         return loads
@@ -247,21 +278,30 @@ def _exponent_minus_5(match: re.Match) -> bytes:
     return first + b"." + rest + b"e-05" if rest else first + b"e-05"
 
 
-def _number_list_json(values: list) -> bytes:
-    """`_dumps(values).encode()` for a list of ints and floats, such as log probs, ~3x faster with msgspec: json spells
-    a float with float.__repr__, whose shortest-digits search costs ~0.4 us a float. Every check of the written list
-    is a pass over its bytes (~1 us for 64 log probs): one-byte searches (memchr) come first."""
-    if _msgspec_encode is None:
-        return _dumps(values).encode()
-    raw = _msgspec_encode(values)
-    if b"n" in raw:  # `null`: an infinity or NaN, which json writes as Infinity or NaN
-        return _dumps(values).encode()
-    if b"e" in raw:
+def _respelled(raw: bytes) -> bytes | None:
+    """msgspec's text of numbers (or of lists of them) with every float spelled as json spells it; None where it holds
+    `null` (an infinity or NaN, which json writes as Infinity or NaN). Every check is a pass over the text (~1 us for 64
+    log probs): one-byte searches (memchr) come first, and text with no `.` (token ids) needs no search for `0.0000`,
+    the slow one (~0.5 us a KB of digits).
+
+    `raw.find(x) >= 0`, not `x in raw`: bytes' `in` first tries `x` as an integer, and makes and drops a TypeError
+    (~0.1 us, a tenth of a token-ID reply's searches)."""
+    if raw.find(b"n") >= 0:
+        return None
+    if raw.find(b"e") >= 0:
         for pattern, spelling in _FLOAT_SPELLINGS:
             raw = pattern.sub(spelling, raw)
-    if b"0.0000" in raw:
+    if raw.find(b".") >= 0 and raw.find(b"0.0000") >= 0:
         raw = _EXPONENT_MINUS_5.sub(_exponent_minus_5, raw)
     return raw
+
+
+def _number_list_json(values: list) -> bytes:
+    """`_dumps(values).encode()` for a list of ints and floats, such as log probs, ~3x faster with msgspec: json spells
+    a float with float.__repr__, whose shortest-digits search costs ~0.4 us a float."""
+    if _msgspec_encode is None:
+        return _dumps(values).encode()
+    return _respelled(_msgspec_encode(values)) or _dumps(values).encode()
 
 
 _PLAIN_VALUES = frozenset({str, int, bool, type(None)})  # written alike by json and msgspec
@@ -282,6 +322,7 @@ def _only(values: list, types: tuple) -> bool:
 # strings they are false alarms, which cost only json's writing. Three searches: one regular expression with the three
 # alternatives costs 4x more, as it tries each at every byte.
 _EXPONENT = re.compile(rb"e[-0-9]")
+_NUMBER_TEXT = b"0123456789-.e,[]"  # every byte msgspec writes for numbers and lists of them
 
 
 def _written_alike(value: Any) -> bool:
@@ -292,23 +333,22 @@ def _written_alike(value: Any) -> bool:
             or (kind is float and (1e-4 <= abs(value) < 1e16 or value == 0)))
 
 
-def _json_raw(value: Any) -> Any:
-    """`value` as JSON (a msgspec.Raw), exactly as json writes it: by msgspec (~6x faster for a tool definition) unless
-    its text shows a spelling json writes apart, then by json."""
-    raw = _msgspec_encode(value)
-    if b"null" in raw or b"0.0000" in raw or _EXPONENT.search(raw):
-        raw = _dumps(value).encode()
-    return _msgspec.Raw(raw)
-
-
 def _exact(value: Any) -> Any:
-    """`value` for msgspec to write exactly as json does: itself when `_written_alike`, a list of numbers (token ids,
-    log probs) by `_number_list_json`, anything else by `_json_raw`."""
+    """`value` for msgspec to write exactly as json does: itself when `_written_alike`, else its JSON text (a
+    msgspec.Raw) as msgspec writes it (~6x faster than json for a tool definition), where
+
+    - text of numbers alone (token ids, log probs; no `"` and no byte but _NUMBER_TEXT's, so no string to touch) has
+      its floats respelled by `_respelled`: the value's type is read from the text, not checked again element by
+      element (a pass over a history's token ids that `_token_bundle` made already);
+    - any other text that shows a spelling json writes apart is written by json instead."""
     if _written_alike(value):
         return value
-    if value.__class__ is list and _only(value, _NUMBERS):
-        return _msgspec.Raw(_number_list_json(value))
-    return _json_raw(value)
+    raw = _msgspec_encode(value)
+    if raw.find(b'"') < 0 and not raw.translate(None, _NUMBER_TEXT):
+        raw = _respelled(raw)
+    elif raw.find(b"null") >= 0 or raw.find(b"0.0000") >= 0 or _EXPONENT.search(raw):  # find: see _respelled
+        raw = _dumps(value).encode()
+    return _msgspec.Raw(raw)
 
 
 def request_json(body: dict) -> bytes:
@@ -328,26 +368,6 @@ def request_json(body: dict) -> bytes:
             value = _exact(value)
         exact[key] = value
     return _msgspec_encode(exact)
-
-
-LONE_SURROGATE = ("holds a lone UTF-16 surrogate escape (like \\ud800) in a string; no UTF-8 text can carry it: send "
-                  "a complete pair or the character itself")
-
-
-def _holds_lone_surrogate(raw: bytes | str, value: Any) -> bool:
-    """Whether `value`, decoded from `raw`, holds a str that cannot be encoded as UTF-8.
-
-    `"\\ud800"` is valid JSON and json.loads makes it such a str: refused where it comes in, not a 500 (or a crashed
-    `collect`) when it is sent on. Checked in full only when `raw` has a surrogate escape at all; pairs, which clients
-    that escape non-ASCII send for emoji, are fine."""
-    markers = (b"\\ud", b"\\uD") if isinstance(raw, bytes) else ("\\ud", "\\uD")
-    if markers[0] not in raw and markers[1] not in raw:
-        return False
-    try:
-        _dumps(value).encode()
-    except UnicodeEncodeError:
-        return True
-    return False
 
 
 # ============================================================================================
@@ -2236,13 +2256,13 @@ def _json_response(body: Any, status: int = 200) -> web.Response:
 async def _read_json_object(request: web.Request) -> dict:
     raw = await request.read()  # over client_max_size -> HTTPRequestEntityTooLarge, rendered by the middleware
     try:
-        body = _loads(raw)
+        body = _loads(raw, sendable=True)
+    except LoneSurrogate as exc:
+        raise bad_request(f"request body {exc}") from None
     except (ValueError, UnicodeDecodeError) as exc:
         raise bad_request(f"request body is not valid JSON: {exc}") from None
     if not isinstance(body, dict):
         raise bad_request("request body must be a JSON object")
-    if _holds_lone_surrogate(raw, body):
-        raise bad_request(f"request body {LONE_SURROGATE}")
     return body
 
 
@@ -2972,13 +2992,13 @@ def parse_input_line(line: str | bytes, model: str | None = None) -> tuple[dict,
     Raises ValueError with a short reason when the line holds no usable request.
     """
     try:
-        row = _loads(line)
+        row = _loads(line, sendable=True)
+    except LoneSurrogate:
+        raise
     except ValueError as exc:  # UnicodeDecodeError is one too
         raise ValueError(f"not valid JSON ({exc})") from None
     if not isinstance(row, dict):
         raise ValueError(f"not a JSON object but {_json_type(row)}")
-    if _holds_lone_surrogate(line, row):
-        raise ValueError(LONE_SURROGATE)
     nested = "responses_create_params" in row
     params = row["responses_create_params"] if nested else row
     where = "`responses_create_params`" if nested else "the line"

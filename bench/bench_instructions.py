@@ -100,8 +100,7 @@ async def count(target: bench_proxy.Target, child: Child, dump: Path, requests: 
 def convert_once(endpoint: str, request_raw: bytes, reply_raw: bytes, config: gym_vllm.ServerConfig) -> bytes:
     """What the handler of `endpoint` (`response` or `chat.completion`) does to one request besides its I/O, with the
     same functions in the same order (handle_responses, handle_chat_completions)."""
-    request = gym_vllm._loads(request_raw)
-    gym_vllm._holds_lone_surrogate(request_raw, request)
+    request = gym_vllm._loads(request_raw, sendable=True)
     if endpoint == "response":
         gym_vllm.request_json(gym_vllm.responses_request_to_chat(request, config))
         reply = gym_vllm._loads(reply_raw, None if request.get("top_logprobs") else gym_vllm.CompletionForResponse)

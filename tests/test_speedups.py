@@ -171,16 +171,18 @@ def test_request_bodies_are_written_as_json_writes_them(body):
 @pytest.mark.skipif(gym_vllm.JSON_CODEC == "json", reason="msgspec is not installed: nothing to compare")
 @settings(max_examples=1000, deadline=None)
 @given(any_json)
-def test_containers_are_written_as_json_writes_them(value):
-    assert bytes(gym_vllm._json_raw(value)) == gym_vllm._dumps(value).encode()
+def test_values_are_written_as_json_writes_them(value):
+    assert gym_vllm._msgspec_encode(gym_vllm._exact(value)) == gym_vllm._dumps(value).encode()
 
 
 @pytest.mark.skipif(gym_vllm.JSON_CODEC == "json", reason="msgspec is not installed: nothing to compare")
 @pytest.mark.parametrize("value", [
     [1e-07], {"a": [1, 1e16]}, {"minimum": 1e-05}, [-1.2e-05, 0.5], [float("nan")], {"x": float("inf")}, [1e22, -0.0],
-    {"alike": [0.5, 2, 0.0001, 123.25, 1e15], "text": "1e-5, null, 0.00001, e-mail"}, [None], [2**70, -0.0]])
-def test_containers_in_every_float_spelling(value):
-    assert bytes(gym_vllm._json_raw(value)) == gym_vllm._dumps(value).encode()
+    {"alike": [0.5, 2, 0.0001, 123.25, 1e15], "text": "1e-5, null, 0.00001, e-mail"}, [None], [2**70, -0.0],
+    [[1e-07, 2], [], [1e16, [0.00001]]], 1e-07, -1.2e-05, 1e16, float("-inf"), [True, 1e-07], [1e-07, "1e-7"],
+    [1e-07, {}], [0.5, None], ["e-1"], [1, 2, 3]])
+def test_values_in_every_float_spelling(value):
+    assert gym_vllm._msgspec_encode(gym_vllm._exact(value)) == gym_vllm._dumps(value).encode()
 
 
 @pytest.mark.skipif(gym_vllm.JSON_CODEC == "json", reason="msgspec is not installed: nothing to compare")
@@ -239,6 +241,57 @@ def test_schema_types_resolve_without_the_module_namespace():
 def test_schema_decoding_without_msgspec_decodes_everything():
     code = ("import gym_vllm; print(gym_vllm._loads(b'{\"choices\": [{\"index\": 0}], \"x\": 1}', gym_vllm.CompletionForResponse))")
     assert run_python(code, GYM_VLLM_JSON="stdlib").stdout.strip() == "{'choices': [{'index': 0}], 'x': 1}"
+
+
+def stdlib_decoder(monkeypatch) -> typing.Callable:
+    """`_loads` as built without msgspec."""
+    monkeypatch.setattr(gym_vllm, "_msgspec", None)
+    return gym_vllm._json_decoder()
+
+
+def sendable_outcome(loads, raw: bytes):
+    try:
+        return "ok", loads(raw, sendable=True)
+    except gym_vllm.LoneSurrogate:
+        return "lone surrogate", None
+
+
+def utf8_encodable(value) -> bool:
+    try:
+        json.dumps(value, ensure_ascii=False).encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+surrogate_texts = st.text(st.characters(min_codepoint=0xD7F0, max_codepoint=0xE010) | st.sampled_from("a\\\"é😀"),
+                          max_size=6)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(surrogate_texts, max_size=3))
+def test_client_text_with_a_lone_surrogate_is_refused_by_both_decoders(texts):
+    """Only json makes a str with a lone surrogate (msgspec refuses the escape), so the sendable check runs only after
+    json: either way, a value holding one is refused and every other value decodes as json decodes it."""
+    raw = json.dumps({"input": texts}).encode()  # a lone surrogate is written as its escape, a pair as two escapes
+    want = json.loads(raw)
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        for loads in (gym_vllm._loads, stdlib_decoder(monkeypatch)):
+            kind, value = sendable_outcome(loads, raw)
+            assert kind == ("ok" if utf8_encodable(want) else "lone surrogate")
+            assert kind != "ok" or same(value, want)
+
+
+@pytest.mark.skipif(gym_vllm.JSON_CODEC == "json", reason="msgspec is not installed")
+@pytest.mark.parametrize("raw", [b'"\\ud800"', b'"a\\udfffb"', b'["\\ud83d", "\\ude00"]', b'"\\ude00\\ud83d"',
+                                 b'"\\ud83d\\u0041"', b'{"\\uDC00": 1}'])
+def test_msgspec_refuses_lone_surrogate_escapes(raw):
+    """What lets `_loads(raw, sendable=True)` skip the search after msgspec: it never makes such a str."""
+    with pytest.raises(gym_vllm._msgspec.DecodeError):
+        gym_vllm._msgspec.json.decode(raw)
+    with pytest.raises(gym_vllm.LoneSurrogate):
+        gym_vllm._loads(raw, sendable=True)
+    assert not utf8_encodable(json.loads(raw))
 
 
 @pytest.mark.parametrize("raw", [b"[" * 100_000 + b"]" * 100_000, b'{"a":' * 50_000 + b"1" + b"}" * 50_000])
