@@ -180,7 +180,7 @@ def test_values_are_written_as_json_writes_them(value):
     [1e-07], {"a": [1, 1e16]}, {"minimum": 1e-05}, [-1.2e-05, 0.5], [float("nan")], {"x": float("inf")}, [1e22, -0.0],
     {"alike": [0.5, 2, 0.0001, 123.25, 1e15], "text": "1e-5, null, 0.00001, e-mail"}, [None], [2**70, -0.0],
     [[1e-07, 2], [], [1e16, [0.00001]]], 1e-07, -1.2e-05, 1e16, float("-inf"), [True, 1e-07], [1e-07, "1e-7"],
-    [1e-07, {}], [0.5, None], ["e-1"], [1, 2, 3]])
+    [1e-07, {}], [0.5, None], ["e-1"], [1, 2, 3], [False, [1e16, True], 1e-07], [{}, [], 0.00001, None, 1e-07]])
 def test_values_in_every_float_spelling(value):
     assert gym_vllm._msgspec_encode(gym_vllm._exact(value)) == gym_vllm._dumps(value).encode()
 
