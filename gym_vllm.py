@@ -267,6 +267,7 @@ _FLOAT_SPELLINGS = (  # msgspec's spelling -> json's (float.__repr__), within a 
     (re.compile(rb"e(?=[0-9])"), rb"e+"),                                # 1e16 -> 1e+16
     (re.compile(rb"e-(?=[0-9](?![0-9]))"), rb"e-0"),                      # 1e-7 -> 1e-07
 )
+_EXPONENT_BUT_ONE_NEGATIVE_DIGIT = re.compile(rb"e(?:[0-9]|-[0-9][0-9])")  # 1e16, 1e-10: not only the second rewrite
 # 0.000012 -> 1.2e-05, 0.00001 -> 1e-05 (exponent -5 only); the look-behind comes second, so that the search starts
 # from the literal `0.0000` (10x faster). The two patterns above use no group: a template with groups costs ~1 us a
 # call (Python 3.11 expands it in Python), a function ~0.5 us a match; these numbers are rarer.
@@ -289,8 +290,11 @@ def _respelled(raw: bytes) -> bytes | None:
     if raw.find(b"n") >= 0:
         return None
     if raw.find(b"e") >= 0:
-        for pattern, spelling in _FLOAT_SPELLINGS:
-            raw = pattern.sub(spelling, raw)
+        if _EXPONENT_BUT_ONE_NEGATIVE_DIGIT.search(raw) is None:  # -6..-9, as in most log probs: a search and a
+            raw = raw.replace(b"e-", b"e-0")                     # replace cost 40% less than the two rewrites
+        else:
+            for pattern, spelling in _FLOAT_SPELLINGS:
+                raw = pattern.sub(spelling, raw)
     if raw.find(b".") >= 0 and raw.find(b"0.0000") >= 0:
         raw = _EXPONENT_MINUS_5.sub(_exponent_minus_5, raw)
     return raw
