@@ -267,7 +267,8 @@ _FLOAT_SPELLINGS = (  # msgspec's spelling -> json's (float.__repr__), within a 
     (re.compile(rb"e(?=[0-9])"), rb"e+"),                                # 1e16 -> 1e+16
     (re.compile(rb"e-(?=[0-9](?![0-9]))"), rb"e-0"),                      # 1e-7 -> 1e-07
 )
-_EXPONENT_BUT_ONE_NEGATIVE_DIGIT = re.compile(rb"e(?:[0-9]|-[0-9][0-9])")  # 1e16, 1e-10: not only the second rewrite
+# An exponent that is not one negative digit (1e16, 1e-10): where one, replacing every `e-` by `e-0` would be wrong.
+_EXPONENT_BUT_ONE_NEGATIVE_DIGIT = re.compile(rb"e(?:[0-9]|-[0-9][0-9])")
 # 0.000012 -> 1.2e-05, 0.00001 -> 1e-05 (exponent -5 only); the look-behind comes second, so that the search starts
 # from the literal `0.0000` (10x faster). The two patterns above use no group: a template with groups costs ~1 us a
 # call (Python 3.11 expands it in Python), a function ~0.5 us a match; these numbers are rarer.
