@@ -94,12 +94,20 @@ def prompt_ids(count: int) -> tuple[int, ...]:
 
 
 def _prompt_length(body: dict) -> int:
-    """A cheap, deterministic stand-in for tokenizing the prompt: ~4 characters per token, plus a template."""
-    chars = 0
+    """A cheap, deterministic stand-in for tokenizing the prompt: ~4 characters per token, plus a template. An
+    assistant message that carries its turn's token ids (a multi-turn RL history) stands for that turn's prompt and
+    answer, which a real engine's prompt holds in full: its ids count, and the text before it is inside them."""
+    chars = earlier_turns = 0
     for message in body.get("messages") or []:
-        content = message.get("content") if isinstance(message, dict) else None
+        if not isinstance(message, dict):
+            continue
+        prompt, generated = message.get("prompt_token_ids"), message.get("generation_token_ids")
+        if isinstance(prompt, list) and isinstance(generated, list):
+            earlier_turns, chars = len(prompt) + len(generated), 0
+            continue
+        content = message.get("content")
         chars += len(content) if isinstance(content, str) else len(_dumps(content or ""))
-    return 8 + chars // 4
+    return earlier_turns + 8 + chars // 4
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:

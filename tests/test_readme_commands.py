@@ -336,6 +336,7 @@ def test_bench_history_turns_give_both_proxies_the_same_messages():
     sys.path.insert(0, str(REPO / "bench"))
     try:
         import bench_proxy
+        import fake_upstream
     finally:
         sys.path.remove(str(REPO / "bench"))
     ports = {"upstream": 1, "passthrough": 2, "gym": 3, "gym_ids": 4}
@@ -352,3 +353,7 @@ def test_bench_history_turns_give_both_proxies_the_same_messages():
     assert converted == history["passthrough-ids"]["messages"] and len(converted) == 7
     assert [len(m["prompt_token_ids"]) for m in converted if m["role"] == "assistant"] == [200, 228, 256]
     assert all(len(m["generation_log_probs"]) == 8 for m in converted if m["role"] == "assistant")
+    # The fake vLLM's prompt holds the whole history, as a real engine's does, and its ids come back in the reply: the
+    # last turn's prompt and answer, the template, then the tool's answer after them.
+    assert fake_upstream._prompt_length(history["passthrough-ids"]) == 256 + 8 + 8 + len("18 C and sunny") // 4
+    assert fake_upstream._prompt_length(plain["passthrough-ids"]) == 8 + len(bench_proxy.PROMPT) // 4
