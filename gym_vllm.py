@@ -280,6 +280,16 @@ def _exponent_minus_5(match: re.Match) -> bytes:
     return first + b"." + rest + b"e-05" if rest else first + b"e-05"
 
 
+class _NoText:
+    """Without msgspec no JSON value is kept as its text: the class of no value."""
+
+
+# A JSON value that msgspec keeps as its text where a decoding schema asks (a reply's prompt ids), and writes back as it
+# came; `value in _NULLS`: null, decoded or kept as text.
+_JsonText = _msgspec.Raw if _msgspec else _NoText
+_NULLS = (None, _msgspec.Raw(b"null")) if _msgspec else (None,)
+
+
 def _respelled(raw: bytes) -> bytes | None:
     """msgspec's text of numbers (or of lists of them) with every float spelled as json spells it; None where it holds
     `null` (an infinity or NaN, which json writes as Infinity or NaN). Every check is a pass over the text (~1 us for 64
@@ -1329,9 +1339,9 @@ def _first_choice(chat: Any) -> dict:
     if logprobs is not None and not (isinstance(logprobs, dict) and (logprobs.get("content") is None or (
             isinstance(logprobs["content"], list) and _only(logprobs["content"], _DICTS)))):
         raise _malformed("choices[0].logprobs", "{content: [...]} or null")
-    for where, value in (("choices[0].token_ids", choice.get("token_ids")), ("prompt_token_ids", chat.get("prompt_token_ids"))):
-        if value is not None and not (isinstance(value, list) and _only(value, _INTS)):
-            raise _malformed(where, "a list of integers or null")
+    token_ids = choice.get("token_ids")  # prompt_token_ids is checked where it is read: _prompt_ids
+    if token_ids is not None and not (isinstance(token_ids, list) and _only(token_ids, _INTS)):
+        raise _malformed("choices[0].token_ids", "a list of integers or null")
     if chat.get("usage") is not None and not isinstance(chat["usage"], dict):
         raise _malformed("usage", "an object or null")
     if chat.get("created") is not None and type(chat["created"]) not in (int, float):
@@ -1362,6 +1372,21 @@ def _spelled_as_logprob_tokens(token_ids: list | None, tokens: list) -> bool:
         return not tokens or ",".join(tokens) == expected
     except TypeError:  # a token that is not a str: join checks that without a pass of its own
         return False
+
+
+def _prompt_ids(value: Any) -> list | Any:
+    """vLLM's prompt ids, checked: a list of ints (a copy), or their JSON text as msgspec kept it (a reply decoded with
+    CompletionForResponse) where that text is what json writes of the ints (`[1,22,333]`: digits and commas, no
+    space, no sign), else the list decoded from it. A prompt runs to thousands of ids: as text an id costs ~150
+    instructions (msgspec checks the JSON, one pass here, a copy), against ~590 to decode, check and write back an int."""
+    if value.__class__ is _JsonText:
+        text = bytes(value)
+        if text.translate(None, b"0123456789,") == b"[]":
+            return value
+        value = _loads(text)
+    if value.__class__ is not list or not _only(value, _INTS):
+        raise _malformed("prompt_token_ids", "a list of integers or null")
+    return list(value)
 
 
 def extract_token_info(chat: dict, choice: dict | None = None) -> dict:
@@ -1398,9 +1423,10 @@ def extract_token_info(chat: dict, choice: dict | None = None) -> dict:
         if generated is None:
             raise upstream_error("vLLM returned neither token_ids nor token_id:<n> logprob tokens; upgrade vLLM", code="token_ids_missing")
         prompt = chat.get("prompt_token_ids")
-        if prompt is None:
+        if prompt in _NULLS:
             raise upstream_error("vLLM returned no prompt_token_ids", code="token_ids_missing")
-        bundle = {"prompt_token_ids": list(prompt), "generation_token_ids": list(generated), "generation_log_probs": log_probs}
+        bundle = {"prompt_token_ids": _prompt_ids(prompt), "generation_token_ids": list(generated),
+                  "generation_log_probs": log_probs}
         unchecked = ("generation_log_probs",)  # the ids were checked by _first_choice or parsed as ints above
     for key in unchecked:
         values = bundle[key]
@@ -1484,16 +1510,18 @@ def _output_logprobs(choice: dict) -> list:
 
 # What `chat_response_to_responses` (and the token-ID fallback before it) reads of vLLM's chat completion when the
 # client asked for no `top_logprobs`. Decoding only this (`_loads(raw, CompletionForResponse)`) skips each log-prob
-# entry's `bytes` and `top_logprobs`: 8% of a token-ID request's instructions. A reply of another shape is decoded in
-# full, so malformed replies are reported as before. Written in the call syntax, so that the field types are objects,
-# not strings that msgspec would resolve in `sys.modules[__module__]`: under `python -m cProfile -m gym_vllm` that is
-# cProfile's module, and every token-ID request failed with a NameError.
+# entry's `bytes` and `top_logprobs` (8% of a token-ID request's instructions), and keeps the prompt ids as their text
+# (`_prompt_ids`: a third of the instructions of a request with a 2,000-token prompt). A reply of another shape is
+# decoded in full, so malformed replies are reported as before. Written in the call syntax, so that the field types
+# are objects, not strings that msgspec would resolve in `sys.modules[__module__]`: under `python -m cProfile -m
+# gym_vllm` that is cProfile's module, and every token-ID request failed with a NameError. `total=False` is needed:
+# msgspec (0.22) refuses every value of a required Raw field.
 _LogprobRead = TypedDict("_LogprobRead", {"token": Any, "logprob": Any}, total=False)
 _LogprobsRead = TypedDict("_LogprobsRead", {"content": list[_LogprobRead] | None}, total=False)
 _ChoiceRead = TypedDict("_ChoiceRead", {"message": Any, "finish_reason": Any, "token_ids": Any,
                                         "logprobs": _LogprobsRead | None}, total=False)
 CompletionForResponse = TypedDict("CompletionForResponse", {"created": Any, "choices": list[_ChoiceRead], "usage": Any,
-                                                            "prompt_token_ids": Any}, total=False)
+                                                            "prompt_token_ids": _JsonText}, total=False)
 
 
 _INCOMPLETE_REASONS = {"length": "max_output_tokens", "content_filter": "content_filter"}  # chat finish_reason -> Responses
@@ -2400,7 +2428,7 @@ async def _chat_upstream(context: RequestContext, session_id: str | None, chat_b
                         config.name, context.request_id, failure.message)
             return None
         raise failure
-    if config.return_token_id_information and body.get("prompt_token_ids") is None and body.get("choices"):
+    if config.return_token_id_information and body.get("prompt_token_ids") in _NULLS and body.get("choices"):
         body["prompt_token_ids"] = await _tokenize(context, upstream, chat_body)
     return body
 

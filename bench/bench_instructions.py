@@ -160,7 +160,8 @@ def report(rows: list[dict], args: argparse.Namespace) -> str:
     floor = {row["shape"]: row["k_instructions"] for row in rows if row["proxy"] == "passthrough"}
     conversion = args.conversion
     lines = [f"## Instructions per request (valgrind), {args.requests} requests per target after {args.warmup} warm-up, "
-             f"token IDs for {args.ids_tokens} tokens" + (f" after {args.history_turns} earlier turns" if args.history_turns else "")
+             f"token IDs for {args.ids_tokens} tokens" + (f" of a {args.prompt_tokens}-token question" if args.prompt_tokens else "")
+             + (f" after {args.history_turns} earlier turns" if args.history_turns else "")
              + f", Python {platform.python_version()}, aiohttp {aiohttp.__version__}, {speedups()}", "",
              "| target | source | k instructions / request | × passthrough |" + (" of it, the conversion alone |" if conversion else ""),
              "|---|---|---|---|" + ("---|" if conversion else "")]
@@ -186,6 +187,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ids-tokens", type=int, default=64, help="tokens per answer of the ids shape (default 64)")
     parser.add_argument("--history-turns", type=int, default=0,
                         help="earlier turns, with their token ids and log probs, before the ids shape's question (default 0)")
+    parser.add_argument("--prompt-tokens", type=int, default=0,
+                        help="length of the ids shape's question in prompt tokens (default 0: a 19-token question)")
     parser.add_argument("--compare-src", metavar="FILE", help="another gym_vllm.py to measure on every gym target")
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--conversion", action="store_true",
@@ -196,8 +199,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.target_keys) - set(TARGETS)
     if unknown:
         parser.error(f"unknown --targets: {', '.join(sorted(unknown))}")
-    if args.requests < (0 if args.conversion_loop else 1) or args.warmup < 0 or args.ids_tokens < 1 or args.history_turns < 0:
-        parser.error("--requests and --ids-tokens must be >= 1, --warmup and --history-turns >= 0")
+    if args.requests < (0 if args.conversion_loop else 1) or args.warmup < 0 or args.ids_tokens < 1 or args.history_turns < 0 \
+            or args.prompt_tokens < 0:
+        parser.error("--requests and --ids-tokens must be >= 1, --warmup, --history-turns and --prompt-tokens >= 0")
     if args.compare_src and not Path(args.compare_src).is_file():
         parser.error(f"--compare-src {args.compare_src}: no such file")
     missing = [tool for tool in ("valgrind", "callgrind_control") if not shutil.which(tool)]
@@ -212,7 +216,7 @@ def main(argv: list[str] | None = None) -> int:
         conversion_loop(args.conversion_loop, args.requests)
         return 0
     shape_args = bench_proxy.parse_args(["--targets", ",".join(args.target_keys), "--ids-tokens", str(args.ids_tokens),
-                                         "--history-turns", str(args.history_turns)])
+                                         "--history-turns", str(args.history_turns), "--prompt-tokens", str(args.prompt_tokens)])
     rows: list[dict] = []
     with running_children("bench_instructions.py") as (workdir, children):
         upstream_port, port = free_port(), free_port()

@@ -30,6 +30,8 @@ concurrency level C, it runs one closed-loop cell per target (all requests non-s
     NeMo RL sends them: each a tool call carrying the prompt ids, generated ids and log probs of its turn (prompts
     from 200 tokens, growing by the answer and 20 tokens a turn), then the tool's output; the chat targets carry the
     same turns as the messages gym_vllm makes of them
+    `--prompt-tokens N` (default 0: a 19-token question) makes the ids shape's question N tokens long (prose the fake
+    vLLM counts as N tokens), so the reply carries N prompt ids, as a real single-turn prompt of that size would
 
 The upstream's answer size follows the request fields `max_tokens`, `bench_think_tokens` and
 `bench_tool_calls` (gym_vllm forwards unknown fields), so within a shape every target makes the
@@ -111,6 +113,15 @@ TOOLS = [
 ]
 CHAT_TOOLS = [{"type": "function", "function": {k: v for k, v in tool.items() if k != "type"}} for tool in TOOLS]
 PROMPT = "What is the weather in Paris? Answer briefly."
+
+
+def question(prompt_tokens: int) -> str:
+    """The ids shape's question: PROMPT, or (`prompt_tokens` > 0) prose the fake vLLM counts as that many prompt tokens."""
+    if prompt_tokens <= 0:
+        return PROMPT
+    filler = " ".join(text.strip() for text in fake_upstream.VOCAB)
+    chars = max(0, prompt_tokens - fake_upstream.TEMPLATE_TOKENS) * 4
+    return (PROMPT + " " + filler * (chars // len(filler) + 1))[:max(chars, len(PROMPT))]
 
 ALL_TARGETS = ("direct", "passthrough", "gym-chat", "gym-resp", "direct-tools", "passthrough-tools", "gym-resp-tools",
                "direct-ids", "passthrough-ids", "gym-resp-ids")
@@ -265,10 +276,11 @@ def build_targets(args: argparse.Namespace, ports: dict[str, int]) -> list[Targe
     plain_chat = chat(tokens)
     tools_chat = chat(tokens, tools=CHAT_TOOLS, tool_choice="auto", bench_tool_calls=calls)
     history_items, history_messages = history(args.history_turns, ids_tokens)
-    ids_chat = json.dumps({"model": "bench", "messages": [{"role": "user", "content": PROMPT}, *history_messages],
+    ids_question = question(args.prompt_tokens)
+    ids_chat = json.dumps({"model": "bench", "messages": [{"role": "user", "content": ids_question}, *history_messages],
                            "max_tokens": ids_tokens, **bench_fields, "logprobs": True, "top_logprobs": 0,
                            "return_token_ids": True, "return_tokens_as_token_ids": True}).encode()
-    ids_responses = {"input": [{"role": "user", "content": PROMPT}, *history_items] if history_items else PROMPT,
+    ids_responses = {"input": [{"role": "user", "content": ids_question}, *history_items] if history_items else ids_question,
                      "max_output_tokens": ids_tokens, **bench_fields}
     cc, resp = "/v1/chat/completions", "/v1/responses"
     finish_tools = "tool_calls" if calls else "length"
@@ -554,6 +566,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--ids-tokens", type=int, default=256, help="tokens per answer of the ids shape (default 256)")
     parser.add_argument("--history-turns", type=int, default=0,
                         help="earlier turns, with their token ids and log probs, before the ids shape's question (default 0)")
+    parser.add_argument("--prompt-tokens", type=int, default=0,
+                        help="length of the ids shape's question in prompt tokens (default 0: a 19-token question)")
     parser.add_argument("--request-timeout", type=float, default=120.0, help="client timeout per request, s (default 120)")
     parser.add_argument("--upstream-port", type=int, default=0,
                         help="port of the fake upstream (default: a free one); fix it to put a --compare-url server in front of it")
@@ -585,8 +599,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     unknown = set(args.target_keys) - set(ALL_TARGETS)
     if unknown:
         parser.error(f"unknown --targets: {', '.join(sorted(unknown))}")
-    if args.tokens < 1 or args.ids_tokens < 1 or args.think_tokens < 0 or args.tool_calls < 0 or args.history_turns < 0:
-        parser.error("--tokens and --ids-tokens must be >= 1, --think-tokens, --tool-calls and --history-turns >= 0")
+    if (args.tokens < 1 or args.ids_tokens < 1 or args.think_tokens < 0 or args.tool_calls < 0 or args.history_turns < 0
+            or args.prompt_tokens < 0):
+        parser.error("--tokens and --ids-tokens must be >= 1, --think-tokens, --tool-calls, --history-turns and "
+                     "--prompt-tokens >= 0")
     if args.seconds <= 0 or args.warmup < 0 or args.rounds < 1:
         parser.error("--seconds must be > 0, --warmup >= 0, --rounds >= 1")
     if args.compare_pid and not os.path.exists(f"/proc/{args.compare_pid}/stat"):
@@ -637,7 +653,8 @@ async def measure(args: argparse.Namespace, targets: list[Target], children: lis
 
 
 def ids_shape(args: argparse.Namespace) -> str:
-    return f"{args.ids_tokens} with token ids" + (f", after {args.history_turns} earlier turns" if args.history_turns else "")
+    return (f"{args.ids_tokens} with token ids" + (f", a {args.prompt_tokens}-token question" if args.prompt_tokens else "")
+            + (f", after {args.history_turns} earlier turns" if args.history_turns else ""))
 
 
 def report_paired(args: argparse.Namespace, results: list[Paired]) -> int:
@@ -705,7 +722,7 @@ def main(argv: list[str] | None = None) -> int:
         add_baselines(results)
 
     setup = {"tokens": args.tokens, "think_tokens": args.think_tokens, "tool_calls": args.tool_calls, "ids_tokens": args.ids_tokens,
-             "history_turns": args.history_turns,
+             "history_turns": args.history_turns, "prompt_tokens": args.prompt_tokens,
              "seconds": args.seconds, "warmup": args.warmup, "rounds": args.rounds, "levels": args.levels, "compare_url": args.compare_url,
              "cpus": os.cpu_count(), "python": platform.python_version(), "aiohttp": aiohttp.__version__, "speedups": speedups(),
              "profiled": bool(args.profile_gym or args.profile_gym_ids or args.profile_passthrough), "busy_cores_before_start": round(background, 3)}

@@ -55,6 +55,7 @@ LOGPROBS: tuple[float, ...] = tuple(-10 ** _draw.uniform(-8, -4) if j % 3 == 0 e
                                     for j in range(len(TEXTS)))  # log prob of vocabulary index j
 
 DEFAULT_MAX_TOKENS = 64
+TEMPLATE_TOKENS = 8  # what the chat template adds to a prompt's text
 
 
 def _dumps(value: Any) -> str:
@@ -107,7 +108,7 @@ def _prompt_length(body: dict) -> int:
             continue
         content = message.get("content")
         chars += len(content) if isinstance(content, str) else len(_dumps(content or ""))
-    return earlier_turns + 8 + chars // 4
+    return earlier_turns + TEMPLATE_TOKENS + chars // 4
 
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict:

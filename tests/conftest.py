@@ -68,6 +68,11 @@ def vllm_parses(commands: dict[str, list[str]], fields: Sequence[str]) -> dict:
 # --- a fake upstream, only for what a real engine cannot produce on demand ---------------------
 
 
+def vllm_dumps(value) -> str:
+    """JSON as vLLM's server writes it (starlette's JSONResponse): compact."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
+
+
 def fake_completion(body: dict, content: str = "<think>stub reasoning</think>Hello from stub", **message_extra) -> dict:
     message = {"role": "assistant", "content": content, **message_extra}
     choice = {"index": 0, "message": message, "finish_reason": "stop", "logprobs": None}
@@ -132,12 +137,14 @@ class FakeUpstream:
         if body.get("stream"):
             return await self.stream(request, body, command)
         if command == "reasoning":
-            return web.json_response(fake_completion(body, "answer", reasoning_content="separate reasoning"))
-        if command == "no_prompt_ids":
+            return web.json_response(fake_completion(body, "answer", reasoning_content="separate reasoning"), dumps=vllm_dumps)
+        if command in ("no_prompt_ids", "null_prompt_ids"):  # older vLLM builds leave it out, newer ones send null
             chat = fake_completion(body)
             chat.pop("prompt_token_ids", None)
-            return web.json_response(chat)
-        return web.json_response(fake_completion(body))
+            if command == "null_prompt_ids":
+                chat["prompt_token_ids"] = None
+            return web.json_response(chat, dumps=vllm_dumps)
+        return web.json_response(fake_completion(body), dumps=vllm_dumps)
 
     async def stream(self, request: web.Request, body: dict, command: str) -> web.StreamResponse:
         """vLLM-shaped SSE: a role chunk, content in 4-character pieces, a finish chunk, usage, [DONE]."""

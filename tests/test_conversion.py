@@ -465,17 +465,21 @@ def vllm_reply(**changes):
     {}, {"choices": None}, {"choices": [5]}, {"choices": []}, {"choices.0.logprobs": "x"}, {"choices.0.logprobs.content": [5]},
     {"choices.0.logprobs.content": None}, {"choices.0.logprobs": None}, {"choices.0.token_ids": ["a", "b"]},
     {"choices.0.token_ids": [5, 7]}, {"choices.0.message": None}, {"choices.0.message.content": 5}, {"usage": 5},
-    {"prompt_token_ids": None}, {"choices.0.logprobs.content.0.logprob": "x"}, {"created": "soon"},
+    {"prompt_token_ids": None}, {"prompt_token_ids": [1, True]}, {"prompt_token_ids": [1.0]}, {"prompt_token_ids": "1"},
+    {"prompt_token_ids": [-1, 2**70]}, {"choices.0.logprobs.content.0.logprob": "x"}, {"created": "soon"},
     {"choices.0.finish_reason": ["length"]},
 ], ids=lambda changes: ",".join(changes) or "as-vllm-sends-it")
-def test_decoding_only_what_a_response_reads_converts_the_same(config, changes):
-    raw = json.dumps(vllm_reply(**changes)).encode()
+@pytest.mark.parametrize("separators", [(",", ":"), (", ", ": ")], ids=["compact", "spaced"])
+def test_decoding_only_what_a_response_reads_converts_the_same(config, changes, separators):
+    """The same answer, byte for byte, or the same error, whether vLLM's reply is decoded in full or only as far as a
+    Response reads it (prompt ids kept as their text where that text is compact)."""
+    raw = json.dumps(vllm_reply(**changes), separators=separators).encode()
 
     def convert(chat):
         gym_vllm._random_hex.clear()  # the same item ids on both sides
         random.seed(7)
         try:
-            return gym_vllm.chat_response_to_responses(chat, {"input": "q"}, config)
+            return gym_vllm.response_json(gym_vllm.chat_response_to_responses(chat, {"input": "q"}, config))
         except ApiError as exc:
             return exc.status, exc.code, exc.message
 

@@ -35,9 +35,10 @@ async def test_token_ids_through_the_server_and_tokenize_fallback(fake_upstreams
     last = response.output[-1].model_dump()
     assert (last["prompt_token_ids"], last["generation_token_ids"], last["generation_log_probs"]) == ([1, 2, 3, 4], [11, 12, 13], [-0.5] * 3)
     assert fake.requests[-1]["return_token_ids"] is True and not fake.tokenize_requests  # one call, no /tokenize
-    response = await client.responses.create(model="tiny", input="no_prompt_ids")
-    assert response.output[-1].model_dump()["prompt_token_ids"] == [9, 9, 9]
-    assert fake.tokenize_requests[-1]["messages"] == [{"role": "user", "content": "no_prompt_ids"}]
+    for missing in ("no_prompt_ids", "null_prompt_ids"):
+        response = await client.responses.create(model="tiny", input=missing)
+        assert response.output[-1].model_dump()["prompt_token_ids"] == [9, 9, 9]
+        assert fake.tokenize_requests[-1]["messages"] == [{"role": "user", "content": missing}]
     chat = await client.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}])
     assert chat.choices[0].message.model_dump()["generation_token_ids"] == [11, 12, 13]
 

@@ -92,9 +92,44 @@ def test_schema_decoding_builds_only_what_the_schema_names():
     lean = gym_vllm._loads(json.dumps(reply).encode(), gym_vllm.CompletionForResponse)
     assert lean == {"created": 1, "choices": [{"message": {"content": "x", "extra": [1]}, "finish_reason": "length", "token_ids": [5],
                                               "logprobs": {"content": [{"token": "token_id:5", "logprob": -0.5}]}}],
-                    "usage": None, "prompt_token_ids": [1]}
+                    "usage": None, "prompt_token_ids": gym_vllm._msgspec.Raw(b"[1]")}  # kept as its text
     for other_shape in (b'{"choices": 5, "x": 1}', b'{"choices": [{"logprobs": {"content": [1]}}]}', b'[1]', b'{"created": NaN}'):
         assert same(gym_vllm._loads(other_shape, gym_vllm.CompletionForResponse), json.loads(other_shape))
+
+
+@pytest.mark.skipif(gym_vllm.JSON_CODEC == "json", reason="msgspec is not installed: nothing is kept as text")
+@settings(max_examples=500, deadline=None)
+@given(st.one_of(st.lists(st.integers(0, 2**70), max_size=8), st.lists(st.integers(-3, 3) | st.booleans(), max_size=4),
+                 st.lists(st.floats(-2, 2) | st.text(max_size=2), max_size=3), st.none() | st.text(max_size=3) | st.integers()),
+       st.sampled_from([(",", ":"), (", ", ": "), (" ,", ":")]))
+def test_prompt_ids_kept_as_text_are_checked_and_written_as_json_writes_them(ids, separators):
+    """A reply's prompt ids stay their JSON text only where it is exactly json's text of a list of ints (`[1,22]`);
+    any other text (spaces, a sign: `-0` is json's `0`) is decoded, and anything but a list of ints is a 502."""
+    raw = json.dumps({"prompt_token_ids": ids}, separators=separators).encode()
+    kept = gym_vllm._loads(raw, gym_vllm.CompletionForResponse)["prompt_token_ids"]
+    assert isinstance(kept, gym_vllm._msgspec.Raw)
+    if ids is None:
+        assert kept in gym_vllm._NULLS
+        return
+    if not (isinstance(ids, list) and all(type(i) is int for i in ids)):
+        with pytest.raises(gym_vllm.ApiError, match="`prompt_token_ids` should be a list of integers"):
+            gym_vllm._prompt_ids(kept)
+        return
+    checked = gym_vllm._prompt_ids(kept)
+    compact = json.dumps(ids, separators=(",", ":")).encode()
+    assert (checked is kept) == (bytes(kept) == compact and b"-" not in compact)
+    assert gym_vllm._msgspec_encode({"ids": checked}) == b'{"ids":' + compact + b"}"
+    assert gym_vllm._prompt_ids(ids) == ids and gym_vllm._prompt_ids(ids) is not ids  # a list: checked, copied
+
+
+@pytest.mark.parametrize("text", [b"[-0]", b"[1e400]", b"[1.5]", b"[[1]]", b'["1"]', b"[true]", b"{}", b'"x"', b"1"])
+def test_prompt_ids_text_of_another_kind_is_decoded_and_refused_or_respelled(text):
+    kept = gym_vllm._JsonText(text) if gym_vllm._msgspec else json.loads(text)
+    if text == b"[-0]":
+        assert gym_vllm._prompt_ids(kept) == [0]  # json writes 0, as the decoded int
+        return
+    with pytest.raises(gym_vllm.ApiError, match="`prompt_token_ids` should be a list of integers"):
+        gym_vllm._prompt_ids(kept)
 
 
 # Floats of every spelling: exponent forms both ways, the -5 exponent msgspec writes as 0.0000…, NaN and infinities.
