@@ -357,3 +357,9 @@ def test_bench_history_turns_give_both_proxies_the_same_messages():
     # last turn's prompt and answer, the template, then the tool's answer after them.
     assert fake_upstream._prompt_length(history["passthrough-ids"]) == 256 + 8 + 8 + len("18 C and sunny") // 4
     assert fake_upstream._prompt_length(plain["passthrough-ids"]) == 8 + len(bench_proxy.PROMPT) // 4
+    # `--prompt-tokens N`: a question the fake vLLM counts as N tokens, the same text through both proxies.
+    for tokens in (19, 20, 2000):
+        long = bodies("--prompt-tokens", str(tokens))
+        assert fake_upstream._prompt_length(long["passthrough-ids"]) == tokens
+        assert long["gym-resp-ids"]["input"] == long["passthrough-ids"]["messages"][0]["content"]
+    assert bodies("--prompt-tokens", "5")["gym-resp-ids"]["input"] == bench_proxy.PROMPT  # never shorter than the question
