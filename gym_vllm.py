@@ -284,7 +284,7 @@ class _NoText:
     """Without msgspec no JSON value is kept as its text: the class of no value."""
 
 
-# A JSON value that msgspec keeps as its text where a decoding schema asks (a reply's prompt ids), and writes back as it
+# A JSON value that msgspec keeps as its text where a decoding schema asks (a reply's token ids), and writes back as it
 # came; `value in _NULLS`: null, decoded or kept as text.
 _JsonText = _msgspec.Raw if _msgspec else _NoText
 _NULLS = (None, _msgspec.Raw(b"null")) if _msgspec else (None,)
@@ -1339,14 +1339,11 @@ def _first_choice(chat: Any) -> dict:
     if logprobs is not None and not (isinstance(logprobs, dict) and (logprobs.get("content") is None or (
             isinstance(logprobs["content"], list) and _only(logprobs["content"], _DICTS)))):
         raise _malformed("choices[0].logprobs", "{content: [...]} or null")
-    token_ids = choice.get("token_ids")  # prompt_token_ids is checked where it is read: _prompt_ids
-    if token_ids is not None and not (isinstance(token_ids, list) and _only(token_ids, _INTS)):
-        raise _malformed("choices[0].token_ids", "a list of integers or null")
     if chat.get("usage") is not None and not isinstance(chat["usage"], dict):
         raise _malformed("usage", "an object or null")
     if chat.get("created") is not None and type(chat["created"]) not in (int, float):
         raise _malformed("created", "a number or null")
-    return choice
+    return choice  # the token ids are checked where they are read: _token_ids
 
 
 def _reasoning_from_upstream(message: dict, config: ServerConfig) -> str | None:
@@ -1360,33 +1357,40 @@ def _reasoning_from_upstream(message: dict, config: ServerConfig) -> str | None:
     return reasoning or None
 
 
-def _spelled_as_logprob_tokens(token_ids: list | None, tokens: list) -> bool:
-    """vLLM's common case, checked without a Python frame per token: the logprob tokens are exactly `token_id:<id>`
-    for each id (`return_tokens_as_token_ids`). One string comparison: with as many tokens as ids and `,` in no
-    expected token, equal joins mean equal lists. The ids (checked ints) are spelled by `_number_list_json`, as json
-    spells them (`str`), 5x faster than `map(str, ...)` with msgspec."""
-    if token_ids is None or len(tokens) != len(token_ids):
-        return False
-    expected = "token_id:" + _number_list_json(token_ids)[1:-1].decode().replace(",", ",token_id:")
-    try:
-        return not tokens or ",".join(tokens) == expected
-    except TypeError:  # a token that is not a str: join checks that without a pass of its own
-        return False
-
-
-def _prompt_ids(value: Any) -> list | Any:
-    """vLLM's prompt ids, checked: a list of ints (a copy), or their JSON text as msgspec kept it (a reply decoded with
-    CompletionForResponse) where that text is what json writes of the ints (`[1,22,333]`: digits and commas, no
-    space, no sign), else the list decoded from it. A prompt runs to thousands of ids: as text an id costs ~150
-    instructions (msgspec checks the JSON, one pass here, a copy), against ~590 to decode, check and write back an int."""
+def _token_ids(value: Any, where: str) -> list | Any:
+    """vLLM's token ids (a reply's `prompt_token_ids`, `choices[0].token_ids`), checked: a list of ints (a copy), or
+    their JSON text as msgspec kept it (a reply decoded with CompletionForResponse) where that text is what json
+    writes of the ints (`[1,22,333]`: digits and commas, no space, no sign), else the list decoded from it. A prompt
+    runs to thousands of ids: as text an id costs ~150 instructions (msgspec checks the JSON, one pass here, a copy),
+    against ~590 to decode, check and write back an int."""
     if value.__class__ is _JsonText:
         text = bytes(value)
         if text.translate(None, b"0123456789,") == b"[]":
             return value
         value = _loads(text)
     if value.__class__ is not list or not _only(value, _INTS):
-        raise _malformed("prompt_token_ids", "a list of integers or null")
+        raise _malformed(where, "a list of integers or null")
     return list(value)
+
+
+def _id_count(ids: list | Any) -> int:
+    """How many ids `_token_ids` gave: a list's length, or one more than the commas of its text (`[]`: none)."""
+    return len(ids) if ids.__class__ is list else (bytes(ids).count(b",") + 1 if len(ids) > 2 else 0)
+
+
+def _spelled_as_logprob_tokens(token_ids: list | Any | None, tokens: list) -> bool:
+    """vLLM's common case, checked without a Python frame per token: the logprob tokens are exactly `token_id:<id>`
+    for each id (`return_tokens_as_token_ids`). One string comparison: with as many tokens as ids and `,` in no
+    expected token, equal joins mean equal lists. The ids (`_token_ids`: checked ints, or their text as json writes
+    it) are spelled as json spells them (`str`): a list by `_number_list_json`, 5x faster than `map(str, ...)`."""
+    if token_ids is None or len(tokens) != _id_count(token_ids):
+        return False
+    text = _number_list_json(token_ids) if token_ids.__class__ is list else bytes(token_ids)
+    expected = "token_id:" + text[1:-1].decode().replace(",", ",token_id:")
+    try:
+        return not tokens or ",".join(tokens) == expected
+    except TypeError:  # a token that is not a str: join checks that without a pass of its own
+        return False
 
 
 def extract_token_info(chat: dict, choice: dict | None = None) -> dict:
@@ -1409,7 +1413,10 @@ def extract_token_info(chat: dict, choice: dict | None = None) -> dict:
         log_probs = list(map(dict.get, content, itertools.repeat("logprob")))
         tokens = list(map(dict.get, content, itertools.repeat("token")))
         generated = choice.get("token_ids")
+        generated = None if generated in _NULLS else _token_ids(generated, "choices[0].token_ids")
         if not _spelled_as_logprob_tokens(generated, tokens):
+            if generated.__class__ is _JsonText:  # the rare paths below compare ints
+                generated = _loads(bytes(generated))
             from_logprobs = None
             if _only(tokens, _STRS) and all(map(str.startswith, tokens, itertools.repeat("token_id:"))):
                 try:
@@ -1418,23 +1425,23 @@ def extract_token_info(chat: dict, choice: dict | None = None) -> dict:
                     from_logprobs = None
             if generated is None:
                 generated = from_logprobs
-            elif from_logprobs is not None and list(generated) != from_logprobs:
+            elif from_logprobs is not None and generated != from_logprobs:
                 raise upstream_error("vLLM's token_ids disagree with its logprob tokens", code="token_ids_mismatch")
         if generated is None:
             raise upstream_error("vLLM returned neither token_ids nor token_id:<n> logprob tokens; upgrade vLLM", code="token_ids_missing")
         prompt = chat.get("prompt_token_ids")
         if prompt in _NULLS:
             raise upstream_error("vLLM returned no prompt_token_ids", code="token_ids_missing")
-        bundle = {"prompt_token_ids": _prompt_ids(prompt), "generation_token_ids": list(generated),
+        bundle = {"prompt_token_ids": _token_ids(prompt, "prompt_token_ids"), "generation_token_ids": generated,
                   "generation_log_probs": log_probs}
-        unchecked = ("generation_log_probs",)  # the ids were checked by _first_choice or parsed as ints above
+        unchecked = ("generation_log_probs",)  # the ids were checked by _token_ids or parsed as ints above
     for key in unchecked:
         values = bundle[key]
         if not isinstance(values, list) or not _only(values, _NUMBERS if key == "generation_log_probs" else _INTS):
             raise _malformed(key, "a list of numbers" if key == "generation_log_probs" else "a list of integers")
-    if len(bundle["generation_token_ids"]) != len(bundle["generation_log_probs"]):
+    if _id_count(bundle["generation_token_ids"]) != len(bundle["generation_log_probs"]):
         raise upstream_error(
-            f"vLLM returned {len(bundle['generation_token_ids'])} generated token ids but "
+            f"vLLM returned {_id_count(bundle['generation_token_ids'])} generated token ids but "
             f"{len(bundle['generation_log_probs'])} log probs", code="token_ids_mismatch")
     return bundle
 
@@ -1510,15 +1517,15 @@ def _output_logprobs(choice: dict) -> list:
 
 # What `chat_response_to_responses` (and the token-ID fallback before it) reads of vLLM's chat completion when the
 # client asked for no `top_logprobs`. Decoding only this (`_loads(raw, CompletionForResponse)`) skips each log-prob
-# entry's `bytes` and `top_logprobs` (8% of a token-ID request's instructions), and keeps the prompt ids as their text
-# (`_prompt_ids`: a third of the instructions of a request with a 2,000-token prompt). A reply of another shape is
+# entry's `bytes` and `top_logprobs` (8% of a token-ID request's instructions), and keeps the token ids as their text
+# (`_token_ids`: a third of the instructions of a request with a 2,000-token prompt). A reply of another shape is
 # decoded in full, so malformed replies are reported as before. Written in the call syntax, so that the field types
 # are objects, not strings that msgspec would resolve in `sys.modules[__module__]`: under `python -m cProfile -m
 # gym_vllm` that is cProfile's module, and every token-ID request failed with a NameError. `total=False` is needed:
 # msgspec (0.22) refuses every value of a required Raw field.
 _LogprobRead = TypedDict("_LogprobRead", {"token": Any, "logprob": Any}, total=False)
 _LogprobsRead = TypedDict("_LogprobsRead", {"content": list[_LogprobRead] | None}, total=False)
-_ChoiceRead = TypedDict("_ChoiceRead", {"message": Any, "finish_reason": Any, "token_ids": Any,
+_ChoiceRead = TypedDict("_ChoiceRead", {"message": Any, "finish_reason": Any, "token_ids": _JsonText,
                                         "logprobs": _LogprobsRead | None}, total=False)
 CompletionForResponse = TypedDict("CompletionForResponse", {"created": Any, "choices": list[_ChoiceRead], "usage": Any,
                                                             "prompt_token_ids": _JsonText}, total=False)

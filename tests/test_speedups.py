@@ -6,6 +6,7 @@ import dataclasses
 import importlib.util
 import json
 import math
+import random
 import subprocess
 import sys
 import typing
@@ -90,9 +91,11 @@ def test_schema_decoding_builds_only_what_the_schema_names():
              "token_ids": [5], "logprobs": {"content": [{"token": "token_id:5", "logprob": -0.5, "bytes": [120],
                                                          "top_logprobs": []}]}}], "usage": None, "prompt_token_ids": [1]}
     lean = gym_vllm._loads(json.dumps(reply).encode(), gym_vllm.CompletionForResponse)
-    assert lean == {"created": 1, "choices": [{"message": {"content": "x", "extra": [1]}, "finish_reason": "length", "token_ids": [5],
+    text = gym_vllm._msgspec.Raw  # the token ids are kept as their text
+    assert lean == {"created": 1, "choices": [{"message": {"content": "x", "extra": [1]}, "finish_reason": "length",
+                                              "token_ids": text(b"[5]"),
                                               "logprobs": {"content": [{"token": "token_id:5", "logprob": -0.5}]}}],
-                    "usage": None, "prompt_token_ids": gym_vllm._msgspec.Raw(b"[1]")}  # kept as its text
+                    "usage": None, "prompt_token_ids": text(b"[1]")}
     for other_shape in (b'{"choices": 5, "x": 1}', b'{"choices": [{"logprobs": {"content": [1]}}]}', b'[1]', b'{"created": NaN}'):
         assert same(gym_vllm._loads(other_shape, gym_vllm.CompletionForResponse), json.loads(other_shape))
 
@@ -113,23 +116,36 @@ def test_prompt_ids_kept_as_text_are_checked_and_written_as_json_writes_them(ids
         return
     if not (isinstance(ids, list) and all(type(i) is int for i in ids)):
         with pytest.raises(gym_vllm.ApiError, match="`prompt_token_ids` should be a list of integers"):
-            gym_vllm._prompt_ids(kept)
+            gym_vllm._token_ids(kept, "prompt_token_ids")
         return
-    checked = gym_vllm._prompt_ids(kept)
+    checked = gym_vllm._token_ids(kept, "prompt_token_ids")
     compact = json.dumps(ids, separators=(",", ":")).encode()
     assert (checked is kept) == (bytes(kept) == compact and b"-" not in compact)
     assert gym_vllm._msgspec_encode({"ids": checked}) == b'{"ids":' + compact + b"}"
-    assert gym_vllm._prompt_ids(ids) == ids and gym_vllm._prompt_ids(ids) is not ids  # a list: checked, copied
+    assert gym_vllm._token_ids(ids, "prompt_token_ids") == ids and gym_vllm._token_ids(ids, "prompt_token_ids") is not ids  # a list: checked, copied
+
+
+@pytest.mark.skipif(gym_vllm.JSON_CODEC == "json", reason="msgspec is not installed: nothing is kept as text")
+def test_generated_ids_kept_as_text_are_counted_and_compared_as_ints():
+    text = gym_vllm._msgspec.Raw
+    assert [gym_vllm._id_count(text(t)) for t in (b"[]", b"[5]", b"[5,61]")] == [0, 1, 2]
+    # Log-prob tokens that name the same ids in another spelling: not vLLM's, but the same ids, so no mismatch.
+    reply = {"created": 1, "choices": [{"message": {"content": "x"}, "finish_reason": "stop", "token_ids": [5, 61],
+             "logprobs": {"content": [{"token": "token_id:05", "logprob": -0.5}, {"token": "token_id:61", "logprob": -1.0}]}}],
+             "prompt_token_ids": [1]}
+    chat = gym_vllm._loads(json.dumps(reply, separators=(",", ":")).encode(), gym_vllm.CompletionForResponse)
+    assert isinstance(chat["choices"][0]["token_ids"], text)
+    assert gym_vllm.extract_token_info(chat)["generation_token_ids"] == [5, 61]
 
 
 @pytest.mark.parametrize("text", [b"[-0]", b"[1e400]", b"[1.5]", b"[[1]]", b'["1"]', b"[true]", b"{}", b'"x"', b"1"])
 def test_prompt_ids_text_of_another_kind_is_decoded_and_refused_or_respelled(text):
     kept = gym_vllm._JsonText(text) if gym_vllm._msgspec else json.loads(text)
     if text == b"[-0]":
-        assert gym_vllm._prompt_ids(kept) == [0]  # json writes 0, as the decoded int
+        assert gym_vllm._token_ids(kept, "prompt_token_ids") == [0]  # json writes 0, as the decoded int
         return
     with pytest.raises(gym_vllm.ApiError, match="`prompt_token_ids` should be a list of integers"):
-        gym_vllm._prompt_ids(kept)
+        gym_vllm._token_ids(kept, "prompt_token_ids")
 
 
 # Floats of every spelling: exponent forms both ways, the -5 exponent msgspec writes as 0.0000…, NaN and infinities.
@@ -188,6 +204,31 @@ CONFIG = gym_vllm.server_config_from_dict("s", {"base_url": "http://u/v1", "api_
 def test_responses_are_written_as_json_writes_them(conversion):
     response = gym_vllm.chat_response_to_responses(*conversion)
     assert gym_vllm.response_json(response) == gym_vllm._dumps(response).encode()
+
+
+@settings(max_examples=500, deadline=None)
+@given(converted_responses(), st.sampled_from([(",", ":"), (", ", ": ")]), st.sampled_from(["same", "other", "none"]))
+def test_replies_decoded_as_a_response_reads_them_give_the_same_bytes(conversion, separators, tokens):
+    """vLLM's reply as JSON (compact, as vLLM writes it, or spaced), decoded in full or only as far as a Response reads
+    it (token ids kept as their text): the same Response, byte for byte, or the same error. `tokens`: the log-prob
+    tokens spell the ids (vLLM's case), spell other ids, or are not ids at all."""
+    chat, request, config = conversion
+    chat["created"] = chat["created"] or 1  # 0: the time of the conversion
+    choice = chat["choices"][0]
+    for entry, token_id in zip(choice["logprobs"]["content"], choice["token_ids"]):
+        entry["token"] = {"same": f"token_id:{token_id}", "other": f"token_id:{token_id + 1}", "none": "x"}[tokens]
+    raw = json.dumps(chat, separators=separators).encode()
+
+    def written(reply):
+        gym_vllm._random_hex.clear()  # the same item ids on both sides
+        random.seed(7)
+        try:
+            return gym_vllm.response_json(gym_vllm.chat_response_to_responses(reply, request, config))
+        except gym_vllm.ApiError as exc:
+            return exc.status, exc.code, exc.message
+
+    schema = None if request.get("top_logprobs") else gym_vllm.CompletionForResponse  # as handle_responses asks
+    assert written(gym_vllm._loads(raw, schema)) == written(json.loads(raw))
 
 
 messages = st.lists(st.one_of(

@@ -76,8 +76,11 @@ async def test_vllms_token_id_reply_fits_what_a_response_decodes(vllm_engine):
             raw = await answer.read()
     lean = msgspec.json.Decoder(gym_vllm.CompletionForResponse).decode(raw)  # ValidationError if vLLM's shape moved
     choice = lean["choices"][0]
-    assert [set(entry) for entry in choice["logprobs"]["content"]] == [{"token", "logprob"}] * len(choice["token_ids"])
-    assert lean["prompt_token_ids"] and choice["message"]["role"] == "assistant"
+    assert [set(entry) for entry in choice["logprobs"]["content"]] == [{"token", "logprob"}] * gym_vllm._id_count(choice["token_ids"])
+    assert gym_vllm._id_count(lean["prompt_token_ids"]) > 0 and choice["message"]["role"] == "assistant"
+    # vLLM writes token ids as json does, so they stay the text they came as (not decoded, checked or written as ints).
+    for ids, where in ((choice["token_ids"], "choices[0].token_ids"), (lean["prompt_token_ids"], "prompt_token_ids")):
+        assert gym_vllm._token_ids(ids, where) is ids
 
 
 async def test_served_responses_are_spelled_as_json_spells_them(vllm_engine, proxy):
