@@ -1367,10 +1367,19 @@ def _token_ids(value: Any, where: str) -> list | Any:
         text = bytes(value)
         if text.translate(None, b"0123456789,") == b"[]":
             return value
-        value = _loads(text)
+        value = _ints_of_text(text)
     if value.__class__ is not list or not _only(value, _INTS):
         raise _malformed(where, "a list of integers or null")
     return list(value)
+
+
+def _ints_of_text(text: bytes) -> Any:
+    """Kept text decoded; None where it cannot be (msgspec keeps a Raw without checking its strings' UTF-8 or its
+    numbers' size: invalid UTF-8, an int over Python's 4,300 digits), which the caller reports as malformed, a 502."""
+    try:
+        return _loads(text)
+    except (ValueError, UnicodeDecodeError):
+        return None
 
 
 def _id_count(ids: list | Any) -> int:
@@ -1416,7 +1425,7 @@ def extract_token_info(chat: dict, choice: dict | None = None) -> dict:
         generated = None if generated in _NULLS else _token_ids(generated, "choices[0].token_ids")
         if not _spelled_as_logprob_tokens(generated, tokens):
             if generated.__class__ is _JsonText:  # the rare paths below compare ints
-                generated = _loads(bytes(generated))
+                generated = _token_ids(_ints_of_text(bytes(generated)), "choices[0].token_ids")
             from_logprobs = None
             if _only(tokens, _STRS) and all(map(str.startswith, tokens, itertools.repeat("token_id:"))):
                 try:

@@ -426,3 +426,14 @@ def test_clis_run_with_startup_objects_frozen_and_rare_collections():
             "async def main(): return gc.get_threshold(), gc.get_freeze_count() > 1000\n"
             "print(gym_vllm.run_until_done(main))")
     assert run_python(code).stdout.strip() == str((gym_vllm.GC_THRESHOLDS, True))
+
+
+@pytest.mark.skipif(gym_vllm.JSON_CODEC == "json", reason="msgspec is not installed: nothing is kept as text")
+@pytest.mark.parametrize("ids", [b'["\xff"]', b"[1, " + b"9" * 5000 + b"]"])
+def test_kept_token_id_text_that_cannot_be_decoded_is_a_502(ids):
+    """msgspec keeps a Raw without checking its UTF-8 or its ints' size: decoding it later is a 502, never a 500."""
+    raw = b'{"choices":[{"message":{"content":"x"},"token_ids":[5],"logprobs":{"content":[{"token":"token_id:5",' \
+          b'"logprob":-0.5}]}}],"prompt_token_ids":' + ids + b"}"
+    with pytest.raises(gym_vllm.ApiError) as info:
+        gym_vllm.extract_token_info(gym_vllm._loads(raw, gym_vllm.CompletionForResponse))
+    assert info.value.status == 502 and "prompt_token_ids" in info.value.message
