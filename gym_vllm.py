@@ -1365,12 +1365,28 @@ def _token_ids(value: Any, where: str) -> list | Any:
     against ~590 to decode, check and write back an int."""
     if value.__class__ is _JsonText:
         text = bytes(value)
-        if text.translate(None, b"0123456789,") == b"[]":
+        if text.translate(None, b"0123456789,") == b"[]" and _digit_runs_decodable(text):
             return value
         value = _ints_of_text(text)
     if value.__class__ is not list or not _only(value, _INTS):
         raise _malformed(where, "a list of integers or null")
     return list(value)
+
+
+# The most digits Python reads into an int (4,300 unless set otherwise; 0: no limit); json refuses a longer one.
+_int_digit_limit = getattr(sys, "get_int_max_str_digits", lambda: 0)  # Python 3.10 before 3.10.7 has no limit
+
+
+def _digit_runs_decodable(text: bytes) -> bool:
+    """Whether no run of digits in `text` (ids: digits and commas between brackets) could be too long for json to
+    read as an int, as kept text must be decodable by json to be relayed. Every full stretch of half the limit holds a
+    comma, so no run reaches the limit: a few `find`s for a 2,000-id prompt, none for a shorter text. A run longer
+    than half the limit, which no tokenizer's id has, is then decoded like any other text: correct, only slower."""
+    limit = _int_digit_limit()
+    if not limit or len(text) <= limit + 2:
+        return True
+    step = limit // 2
+    return all(text.find(b",", start, start + step) >= 0 for start in range(1, len(text) - step, step))
 
 
 def _ints_of_text(text: bytes) -> Any:
@@ -1528,7 +1544,9 @@ def _output_logprobs(choice: dict) -> list:
 # client asked for no `top_logprobs`. Decoding only this (`_loads(raw, CompletionForResponse)`) skips each log-prob
 # entry's `bytes` and `top_logprobs` (8% of a token-ID request's instructions), and keeps the token ids as their text
 # (`_token_ids`: a third of the instructions of a request with a 2,000-token prompt). A reply of another shape is
-# decoded in full, so malformed replies are reported as before. Written in the call syntax, so that the field types
+# decoded in full, so malformed replies are reported as before. What the schema skips is checked only as JSON syntax:
+# invalid UTF-8 or an int too long for json in a field no Response reads is not an error here (json, reading the
+# whole reply, makes it a 502). Written in the call syntax, so that the field types
 # are objects, not strings that msgspec would resolve in `sys.modules[__module__]`: under `python -m cProfile -m
 # gym_vllm` that is cProfile's module, and every token-ID request failed with a NameError. `total=False` is needed:
 # msgspec (0.22) refuses every value of a required Raw field.

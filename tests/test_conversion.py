@@ -531,6 +531,18 @@ def test_chat_endpoint_response_postprocessing():
         gym_vllm.chat_response_for_client(completion("x", reasoning="r"), {}, NO_PARSER)
 
 
+def test_chat_endpoint_checks_the_token_ids_it_reads_and_relays_the_ones_it_does_not():
+    """With token IDs off, vLLM's own id fields (a client's `return_token_ids`) are not read: relayed as vLLM wrote
+    them, as a direct connection would give them. With token IDs on they are read, so checked: a 502."""
+    chat = with_tokens(completion("x"))
+    chat["choices"][0]["token_ids"] = chat["prompt_token_ids"] = "not ids"
+    relayed = gym_vllm.chat_response_for_client(chat, {}, BASE)
+    assert relayed["choices"][0]["token_ids"] == relayed["prompt_token_ids"] == "not ids"
+    with pytest.raises(ApiError) as info:
+        gym_vllm.chat_response_for_client(chat, {}, TRAIN)
+    assert info.value.status == 502 and "choices[0].token_ids" in info.value.message
+
+
 # --- context length -------------------------------------------------------------------------
 
 

@@ -437,3 +437,59 @@ def test_kept_token_id_text_that_cannot_be_decoded_is_a_502(ids):
     with pytest.raises(gym_vllm.ApiError) as info:
         gym_vllm.extract_token_info(gym_vllm._loads(raw, gym_vllm.CompletionForResponse))
     assert info.value.status == 502 and "prompt_token_ids" in info.value.message
+
+
+def _digits(count: int) -> bytes:
+    return b"9" * count
+
+
+@pytest.mark.skipif(gym_vllm.JSON_CODEC == "json", reason="msgspec is not installed: nothing is kept as text")
+@pytest.mark.parametrize("ids", [
+    b"[1," + _digits(4300) + b"]",                       # the longest int json reads
+    b"[1," + _digits(4301) + b"]",                       # one digit too many: json refuses it
+    b"[" + _digits(5000) + b"]",
+    b"[" + b",".join([_digits(2149)] * 3) + b"," + _digits(4301) + b"]",  # the long run after stretches with commas
+    b"[" + _digits(3000) + b",7]",                       # over half the limit: decoded, and the same
+    b"[" + b",".join([b"123456"] * 2000) + b"]",         # a long prompt of ordinary ids, kept
+])
+def test_long_digit_runs_in_kept_ids_are_answered_as_json_decoding_them_would(ids):
+    """Compact id text is relayed as it came only where json could read every id: an int over Python's 4,300 digits
+    is the same 502 with msgspec as with the standard library, one at the limit the same 200."""
+    raw = b'{"created":1,"choices":[{"message":{"content":"x"},"token_ids":[5],"logprobs":{"content":[{"token":"token_id:5",' \
+          b'"logprob":-0.5}]}}],"prompt_token_ids":' + ids + b"}"
+    config = gym_vllm.server_config_from_dict("p", {"base_url": "http://127.0.0.1:1/v1", "api_key": "k", "model": "m",
+                                                    "return_token_id_information": True,
+                                                    "uses_reasoning_parser": False})
+
+    def written(reply):
+        gym_vllm._random_hex.clear()
+        random.seed(7)
+        try:
+            return gym_vllm.response_json(gym_vllm.chat_response_to_responses(reply, {}, config))
+        except gym_vllm.ApiError as exc:
+            return exc.status, exc.message
+
+    kept = gym_vllm._loads(raw, gym_vllm.CompletionForResponse)
+    try:
+        stdlib = written(json.loads(raw))
+    except ValueError:  # json refuses the whole reply (the handler's 502 for a reply that is not JSON): so must this
+        assert written(kept) == (502, "vLLM returned a malformed chat completion: `prompt_token_ids` should be a list "
+                                      "of integers or null")
+    else:
+        assert written(kept) == stdlib and stdlib.__class__ is bytes
+    if ids.endswith(b"6]"):
+        assert kept["prompt_token_ids"].__class__ is gym_vllm._JsonText  # ordinary ids stay text
+
+
+@pytest.mark.skipif(gym_vllm.JSON_CODEC == "json", reason="msgspec is not installed: every reply is decoded in full")
+@pytest.mark.parametrize("unread", [b'"\xff"', _digits(5000)])
+def test_a_field_no_response_reads_is_checked_only_as_json_syntax(unread):
+    """What CompletionForResponse skips is not decoded, so text json would refuse there (invalid UTF-8, an int over
+    4,300 digits) does not fail the reply; the same text in a field that is read is a 502 (above)."""
+    raw = b'{"created":1,"choices":[{"message":{"content":"x"},"finish_reason":"stop"}],"usage":null,"extra":%s}' % unread
+    with pytest.raises(ValueError):
+        json.loads(raw)
+    reply = gym_vllm._loads(raw, gym_vllm.CompletionForResponse)
+    assert "extra" not in reply and reply["choices"][0]["message"] == {"content": "x"}
+    with pytest.raises(ValueError):
+        gym_vllm._loads(raw[:-1] + b",}", gym_vllm.CompletionForResponse)  # not JSON at all: still refused
