@@ -48,6 +48,7 @@ import itertools
 import importlib.metadata
 import json
 import logging
+import operator
 import os
 import random
 import re
@@ -269,6 +270,8 @@ _FLOAT_SPELLINGS = (  # msgspec's spelling -> json's (float.__repr__), within a 
 )
 # An exponent that is not one negative digit (1e16, 1e-10): where one, replacing every `e-` by `e-0` would be wrong.
 _EXPONENT_BUT_ONE_NEGATIVE_DIGIT = re.compile(rb"e(?:[0-9]|-[0-9][0-9])")
+# `e-` as a pattern: sre replaces it ~35% faster than bytes.replace, which restarts its search setup at every match.
+_E_MINUS = re.compile(rb"e-")
 # 0.000012 -> 1.2e-05, 0.00001 -> 1e-05 (exponent -5 only); the look-behind comes second, so that the search starts
 # from the literal `0.0000` (10x faster). The two patterns above use no group: a template with groups costs ~1 us a
 # call (Python 3.11 expands it in Python), a function ~0.5 us a match; these numbers are rarer.
@@ -288,6 +291,10 @@ class _NoText:
 # came; `value in _NULLS`: null, decoded or kept as text.
 _JsonText = _msgspec.Raw if _msgspec else _NoText
 _NULLS = (None, _msgspec.Raw(b"null")) if _msgspec else (None,)
+# A log-prob entry of vLLM's reply as a Response reads it (CompletionForResponse): its token and log prob, absent
+# ones None; other fields skipped. No cycle can go through one: the collector need not track it (gc=False).
+_LogprobRead = (_msgspec.defstruct("_LogprobRead", [("token", Any, None), ("logprob", Any, None)], gc=False)
+                if _msgspec else _NoText)
 
 
 def _respelled(raw: bytes) -> bytes | None:
@@ -302,7 +309,7 @@ def _respelled(raw: bytes) -> bytes | None:
         return None
     if raw.find(b"e") >= 0:
         if _EXPONENT_BUT_ONE_NEGATIVE_DIGIT.search(raw) is None:  # -6..-9, as in most log probs: a search and a
-            raw = raw.replace(b"e-", b"e-0")                     # replace cost 40% less than the two rewrites
+            raw = _E_MINUS.sub(b"e-0", raw)                      # replace cost 40% less than the two rewrites
         else:
             for pattern, spelling in _FLOAT_SPELLINGS:
                 raw = pattern.sub(spelling, raw)
@@ -320,7 +327,7 @@ def _number_list_json(values: list) -> bytes:
 
 
 _PLAIN_VALUES = frozenset({str, int, bool, type(None)})  # written alike by json and msgspec
-_INTS, _NUMBERS, _DICTS, _STRS = (int,), (int, float), (dict,), (str,)
+_INTS, _NUMBERS, _STRS = (int,), (int, float), (str,)
 
 
 def _only(values: list, types: tuple) -> bool:
@@ -1337,13 +1344,30 @@ def _first_choice(chat: Any) -> dict:
         raise _malformed("choices[0].message.tool_calls", "a list of {id, function: {name, arguments}}")
     logprobs = choice.get("logprobs")
     if logprobs is not None and not (isinstance(logprobs, dict) and (logprobs.get("content") is None or (
-            isinstance(logprobs["content"], list) and _only(logprobs["content"], _DICTS)))):
+            isinstance(logprobs["content"], list) and _logprob_entries(logprobs["content"])))):
         raise _malformed("choices[0].logprobs", "{content: [...]} or null")
     if chat.get("usage") is not None and not isinstance(chat["usage"], dict):
         raise _malformed("usage", "an object or null")
     if chat.get("created") is not None and type(chat["created"]) not in (int, float):
         raise _malformed("created", "a number or null")
     return choice  # the token ids are checked where they are read: _token_ids
+
+
+def _logprob_entries(content: list) -> bool:
+    """Whether vLLM's `logprobs.content` holds entries of one kind: objects, or _LogprobRead where a schema decoded them
+    (all of them: the schema decodes the whole reply or none of it)."""
+    kind = content[0].__class__ if content else dict
+    return (kind is dict or kind is _LogprobRead) and _only(content, (kind,))
+
+
+def _logprob_fields(content: list) -> tuple[list, list]:
+    """(log probs, tokens) of `_logprob_entries`, None where an entry has none, read in C."""
+    if content and content[0].__class__ is _LogprobRead:
+        return list(map(_LOGPROB_OF, content)), list(map(_TOKEN_OF, content))
+    return list(map(dict.get, content, itertools.repeat("logprob"))), list(map(dict.get, content, itertools.repeat("token")))
+
+
+_LOGPROB_OF, _TOKEN_OF = operator.attrgetter("logprob"), operator.attrgetter("token")
 
 
 def _reasoning_from_upstream(message: dict, config: ServerConfig) -> str | None:
@@ -1435,8 +1459,7 @@ def extract_token_info(chat: dict, choice: dict | None = None) -> dict:
         content = (choice.get("logprobs") or {}).get("content")
         if content is None:
             raise upstream_error("vLLM returned no logprobs although the server asked for them; is this a vLLM OpenAI server?", code="token_ids_missing")
-        log_probs = list(map(dict.get, content, itertools.repeat("logprob")))
-        tokens = list(map(dict.get, content, itertools.repeat("token")))
+        log_probs, tokens = _logprob_fields(content)
         generated = choice.get("token_ids")
         generated = None if generated in _NULLS else _token_ids(generated, "choices[0].token_ids")
         if not _spelled_as_logprob_tokens(generated, tokens):
@@ -1531,6 +1554,7 @@ def _message_item(text: str, refusal: str | None, status: str, logprobs: list | 
 
 
 def _output_logprobs(choice: dict) -> list:
+    # Only for a client that asked for `top_logprobs`: its reply is decoded in full (dict entries, with `bytes`).
     entries = (choice.get("logprobs") or {}).get("content") or []
     return [
         {"token": e.get("token", ""), "bytes": e.get("bytes") or [], "logprob": e.get("logprob", 0.0),
@@ -1542,7 +1566,8 @@ def _output_logprobs(choice: dict) -> list:
 
 # What `chat_response_to_responses` (and the token-ID fallback before it) reads of vLLM's chat completion when the
 # client asked for no `top_logprobs`. Decoding only this (`_loads(raw, CompletionForResponse)`) skips each log-prob
-# entry's `bytes` and `top_logprobs` (8% of a token-ID request's instructions), and keeps the token ids as their text
+# entry's `bytes` and `top_logprobs` (8% of a token-ID request's instructions), builds each entry as a _LogprobRead
+# (a msgspec Struct, 20% faster to decode than a dict and to read, in _logprob_fields), and keeps the token ids as their text
 # (`_token_ids`: a third of the instructions of a request with a 2,000-token prompt). A reply of another shape is
 # decoded in full, so malformed replies are reported as before. What the schema skips is checked only as JSON syntax:
 # invalid UTF-8 or an int too long for json in a field no Response reads is not an error here (json, reading the
@@ -1550,7 +1575,6 @@ def _output_logprobs(choice: dict) -> list:
 # are objects, not strings that msgspec would resolve in `sys.modules[__module__]`: under `python -m cProfile -m
 # gym_vllm` that is cProfile's module, and every token-ID request failed with a NameError. `total=False` is needed:
 # msgspec (0.22) refuses every value of a required Raw field.
-_LogprobRead = TypedDict("_LogprobRead", {"token": Any, "logprob": Any}, total=False)
 _LogprobsRead = TypedDict("_LogprobsRead", {"content": list[_LogprobRead] | None}, total=False)
 _ChoiceRead = TypedDict("_ChoiceRead", {"message": Any, "finish_reason": Any, "token_ids": _JsonText,
                                         "logprobs": _LogprobsRead | None}, total=False)
@@ -1890,8 +1914,10 @@ class ResponsesStream:
         if self.open_item is None or self.open_item["type"] != "message":
             self._open_message(events)
         self.message_text.append(text)
-        self._event(events, "response.output_text.delta", item_id=self.open_item["id"], output_index=len(self.output) - 1,
-                    content_index=0, delta=text, logprobs=[])
+        # The event of nearly every token: built in one step, not by _event (a call and two dicts more; 10% of feed).
+        events.append({"type": "response.output_text.delta", "sequence_number": self.sequence, "item_id": self.open_item["id"],
+                       "output_index": len(self.output) - 1, "content_index": 0, "delta": text, "logprobs": []})
+        self.sequence += 1
 
     def _open_message(self, events: list) -> None:
         self._close_open_item(events)

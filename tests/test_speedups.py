@@ -94,7 +94,7 @@ def test_schema_decoding_builds_only_what_the_schema_names():
     text = gym_vllm._msgspec.Raw  # the token ids are kept as their text
     assert lean == {"created": 1, "choices": [{"message": {"content": "x", "extra": [1]}, "finish_reason": "length",
                                               "token_ids": text(b"[5]"),
-                                              "logprobs": {"content": [{"token": "token_id:5", "logprob": -0.5}]}}],
+                                              "logprobs": {"content": [gym_vllm._LogprobRead("token_id:5", -0.5)]}}],
                     "usage": None, "prompt_token_ids": text(b"[1]")}
     for other_shape in (b'{"choices": 5, "x": 1}', b'{"choices": [{"logprobs": {"content": [1]}}]}', b'[1]', b'{"created": NaN}'):
         assert same(gym_vllm._loads(other_shape, gym_vllm.CompletionForResponse), json.loads(other_shape))
@@ -493,3 +493,17 @@ def test_a_field_no_response_reads_is_checked_only_as_json_syntax(unread):
     assert "extra" not in reply and reply["choices"][0]["message"] == {"content": "x"}
     with pytest.raises(ValueError):
         gym_vllm._loads(raw[:-1] + b",}", gym_vllm.CompletionForResponse)  # not JSON at all: still refused
+
+
+@pytest.mark.skipif(gym_vllm.JSON_CODEC == "json", reason="msgspec is not installed: entries are always objects")
+def test_logprob_entries_are_of_one_kind():
+    """A schema decodes every entry as a _LogprobRead or none (the whole reply or nothing): a list that mixes them, made
+    by hand, is malformed (a 502), never read half by attribute and half by key."""
+    entry = gym_vllm._LogprobRead("token_id:5", -0.5)
+    assert gym_vllm._logprob_entries([entry, entry]) and gym_vllm._logprob_entries([{}, {}]) and gym_vllm._logprob_entries([])
+    assert not gym_vllm._logprob_entries([entry, {}]) and not gym_vllm._logprob_entries([{}, entry])
+    assert gym_vllm._logprob_fields([entry, gym_vllm._LogprobRead()]) == ([-0.5, None], ["token_id:5", None])
+    reply = {"choices": [{"message": {"content": "x"}, "token_ids": [5, 5], "logprobs": {"content": [entry, {}]}}],
+             "prompt_token_ids": [1]}
+    with pytest.raises(gym_vllm.ApiError, match="choices\\[0\\].logprobs"):
+        gym_vllm.extract_token_info(reply)

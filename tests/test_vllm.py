@@ -76,7 +76,9 @@ async def test_vllms_token_id_reply_fits_what_a_response_decodes(vllm_engine):
             raw = await answer.read()
     lean = msgspec.json.Decoder(gym_vllm.CompletionForResponse).decode(raw)  # ValidationError if vLLM's shape moved
     choice = lean["choices"][0]
-    assert [set(entry) for entry in choice["logprobs"]["content"]] == [{"token", "logprob"}] * gym_vllm._id_count(choice["token_ids"])
+    entries = choice["logprobs"]["content"]
+    assert len(entries) == gym_vllm._id_count(choice["token_ids"]) > 0
+    assert all(isinstance(entry.token, str) and isinstance(entry.logprob, float) for entry in entries)
     assert gym_vllm._id_count(lean["prompt_token_ids"]) > 0 and choice["message"]["role"] == "assistant"
     # vLLM writes token ids as json does, so they stay the text they came as (not decoded, checked or written as ints).
     for ids, where in ((choice["token_ids"], "choices[0].token_ids"), (lean["prompt_token_ids"], "prompt_token_ids")):
