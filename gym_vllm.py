@@ -2621,32 +2621,28 @@ def _client_gone(request: web.Request) -> bool:
     return request.transport is None or request.transport.is_closing()
 
 
-async def _upstream_batches(request: web.Request, upstream: aiohttp.ClientResponse):
-    """Yields, per network read, the payloads of the `data:` lines it completed, until `[DONE]`.
+class _DataLines:
+    """vLLM's SSE split into the payloads of its `data:` lines, one network read at a time (a burst of chunks goes out
+    in one write); `done` once `data: [DONE]` came, after which nothing more is read."""
 
-    Working per read rather than per line lets a burst of chunks go out in one write. Reading
-    pauses while the client is slow (each write awaits the socket), so nothing buffers without
-    bound; a client that is gone raises ConnectionResetError, which closes the upstream connection
-    and makes vLLM abort the generation. A stream that ends without `[DONE]` was cut.
-    """
-    pending = b""
-    async for block in upstream.content.iter_any():
-        if _client_gone(request):
-            raise ConnectionResetError("client disconnected")
-        lines = (pending + block).split(b"\n")
-        pending = lines.pop()  # an incomplete last line waits for the next read
+    __slots__ = ("pending", "done")
+
+    def __init__(self) -> None:
+        self.pending = b""  # an incomplete last line waits for the next read
+        self.done = False
+
+    def payloads(self, block: bytes) -> list[bytes]:
+        lines = (self.pending + block).split(b"\n")
+        self.pending = lines.pop()
         batch = []
         for line in lines:
             if line.startswith(b"data:"):
                 data = line[5:].strip()
                 if data == b"[DONE]":
-                    if batch:
-                        yield batch
-                    return
+                    self.done = True
+                    break
                 batch.append(data)
-        if batch:
-            yield batch
-    raise upstream_error("vLLM closed the stream before `data: [DONE]`", code="upstream_unreachable")
+        return batch
 
 
 def _parse_chunk(data: bytes) -> dict:
@@ -2722,32 +2718,41 @@ async def _relay_stream(context: RequestContext, upstream: aiohttp.ClientRespons
                         framing: _ResponsesSSE | _ChatSSE) -> web.StreamResponse:
     """Relays vLLM's SSE to the client as it arrives, one write per network read, in `framing`'s format.
 
-    A failure mid-stream ends the stream in the endpoint's own way; a client that leaves closes the
-    upstream request at once (vLLM aborts the generation).
+    Reading pauses while the client is slow (each write awaits the socket), so nothing buffers without bound. A client
+    that is gone closes the upstream request at once (vLLM aborts the generation); a failure mid-stream ends the stream
+    in the endpoint's own way; a stream that ends without `[DONE]` was cut. The loop is written out here, with no async
+    generator or helper coroutine per read: each costs a frame and an awaitable per read (paired against the
+    pass-through, ~1 us of CPU less per event: at 64 concurrent chat streams +3.1 against +3.9 to +4.8 us).
     """
     config, request = context.config, context.request
-    events = context.metrics.stream_events
+    events, path = context.metrics.stream_events, request.path
     response: web.StreamResponse | None = None
-
-    async def send(payload: bytes) -> None:
-        await response.write(payload)
-        events[request.path] += payload.count(b"\n\n")  # events written (their JSON never holds a raw newline)
-
     try:
         response = await _open_sse(context, new_session)
-        await send(framing.start())
+        tail = framing.start()
         if upstream is None:
-            tail = framing.overflow()
+            tail += framing.overflow()
         else:
+            await response.write(tail)
+            events[path] += tail.count(b"\n\n")  # events written (their JSON never holds a raw newline)
+            lines = _DataLines()
             try:
-                async for batch in _upstream_batches(request, upstream):
+                async for block in upstream.content.iter_any():
+                    if _client_gone(request):
+                        raise ConnectionResetError("client disconnected")
                     converted = []
                     try:
-                        for data in batch:
+                        for data in lines.payloads(block):
                             converted.append(framing.convert(data))
-                    finally:  # what was converted goes out, even when a later chunk of the batch failed
+                    finally:  # what was converted goes out, even when a later chunk of the read failed
                         if converted:
-                            await send(b"".join(converted))
+                            payload = b"".join(converted)
+                            await response.write(payload)
+                            events[path] += payload.count(b"\n\n")
+                    if lines.done:
+                        break
+                else:
+                    raise upstream_error("vLLM closed the stream before `data: [DONE]`", code="upstream_unreachable")
                 tail = framing.finish()
             except ConnectionResetError:
                 raise
@@ -2755,7 +2760,8 @@ async def _relay_stream(context: RequestContext, upstream: aiohttp.ClientRespons
                 failure = _stream_failure(config, exc)
                 log.warning("server %s: request %s: stream failed: %s", config.name, context.request_id, failure.message)
                 tail = framing.fail(failure)
-        await send(tail)
+        await response.write(tail)
+        events[path] += tail.count(b"\n\n")
         await response.write_eof()
     except ConnectionResetError:
         context.client_gone = True

@@ -96,6 +96,24 @@ async def test_errors_before_the_stream_starts_are_plain_json(fake_upstreams, pr
     assert overflow["status"] == "incomplete" and overflow["incomplete_details"] == {"reason": "max_output_tokens"}
 
 
+async def test_a_prompt_too_long_for_a_stream_is_an_incomplete_stream(fake_upstreams, proxy):
+    """The context-overflow answer, streamed: the Responses lifecycle ending in response.incomplete, or one chat chunk
+    with finish_reason length and [DONE]; every event counted in /metrics."""
+    [(_, url)] = await fake_upstreams(1)
+    base = await proxy(server_config(url))
+    events = await post_stream(base, {"input": "ctx"})
+    final = check_lifecycle(events)
+    assert events[-1]["type"] == "response.incomplete" and final["incomplete_details"] == {"reason": "max_output_tokens"}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(base + "/chat/completions", json={"messages": [{"role": "user", "content": "ctx"}], "stream": True}) as answer:
+            lines = [line async for line in answer.content if line.strip()]
+        async with http.get(base.removesuffix("/v1") + "/metrics") as answer:
+            metrics = await answer.text()
+    assert lines[-1] == b"data: [DONE]\n" and json.loads(lines[0][6:])["choices"][0]["finish_reason"] == "length"
+    counted = dict(re.findall(r'gym_vllm_stream_events_total\{[^}]*endpoint="([^"]+)"[^}]*\} (\d+)', metrics))
+    assert counted == {"/v1/responses": str(len(events)), "/v1/chat/completions": str(len(lines))}
+
+
 async def test_chat_stream_relay(fake_upstreams, proxy):
     [(_, url)] = await fake_upstreams(1)
     client = strict_client(await proxy(server_config(url)))
