@@ -1556,6 +1556,9 @@ def _message_item(text: str, refusal: str | None, status: str, logprobs: list | 
 def _output_logprobs(choice: dict) -> list:
     # Only for a client that asked for `top_logprobs`: its reply is decoded in full (dict entries, with `bytes`).
     entries = (choice.get("logprobs") or {}).get("content") or []
+    if not _only(entries, (dict,)) or not all(
+            isinstance(e.get("top_logprobs") or [], list) and _only(e.get("top_logprobs") or [], (dict,)) for e in entries):
+        raise _malformed("choices[0].logprobs.content", "a list of {token, logprob, bytes, top_logprobs: [{...}]}")
     return [
         {"token": e.get("token", ""), "bytes": e.get("bytes") or [], "logprob": e.get("logprob", 0.0),
          "top_logprobs": [{"token": t.get("token", ""), "bytes": t.get("bytes") or [], "logprob": t.get("logprob", 0.0)}

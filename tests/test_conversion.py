@@ -614,3 +614,14 @@ def test_balancer_round_robin_with_affinity():
     single = gym_vllm.Balancer(["http://a/v1"], gym_vllm.SessionTable(10, 100))
     assert single.upstream_for("x").root_url == "http://a"
     assert len(single.sessions) == 0  # one upstream: no table work at all
+
+
+@pytest.mark.parametrize("top", [[1, 2], "x", [{"token": "a"}, 3]])
+def test_malformed_top_logprobs_are_a_502(top):
+    """A client that asked for top_logprobs gets them from vLLM's entries: entries of another shape are vLLM's fault,
+    a 502, never a 500."""
+    chat = completion("x")
+    chat["choices"][0]["logprobs"] = {"content": [{"token": "x", "logprob": -0.5, "bytes": [120], "top_logprobs": top}]}
+    with pytest.raises(ApiError) as info:
+        gym_vllm.chat_response_to_responses(chat, {"input": "q", "top_logprobs": 2}, BASE)
+    assert info.value.status == 502 and "logprobs.content" in info.value.message
