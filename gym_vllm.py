@@ -198,8 +198,12 @@ _msgspec = _optional_msgspec()
 JSON_CODEC = "msgspec" if _msgspec else "json"  # named in benchmark headers and the CLI's debug log
 
 
-LONE_SURROGATE = ("holds a lone UTF-16 surrogate escape (like \\ud800) in a string; no UTF-8 text can carry it: send "
-                  "a complete pair or the character itself")
+# What a request (a client's body, an input line of `collect`) or a reply (vLLM's, or a server's for `collect`) holds when
+# it cannot be sent on or written as UTF-8. vLLM's text is decoded from UTF-8 and never holds one: a reply that does is
+# a 502 (or a failed rollout), not a 500 (or a crashed `collect`).
+_LONE_SURROGATE_ESCAPE = "holds a lone UTF-16 surrogate escape (like \\ud800) in a string"
+LONE_SURROGATE = _LONE_SURROGATE_ESCAPE + "; no UTF-8 text can carry it: send a complete pair or the character itself"
+LONE_SURROGATE_IN_REPLY = _LONE_SURROGATE_ESCAPE + ", which no UTF-8 text can carry"
 
 
 def _holds_lone_surrogate(raw: bytes | str, value: Any) -> bool:
@@ -230,9 +234,9 @@ def _json_decoder() -> Callable[..., Any]:
     With msgspec and a TypedDict `schema`, only what the schema names is decoded (objects it does not describe are
     skipped, not built); a document of another shape is decoded in full, as without a schema.
 
-    `sendable`: the text comes from a client and is sent on as UTF-8, so a str holding a lone surrogate escape raises
-    LoneSurrogate. Only json makes such a str: what msgspec decodes needs no search of the whole text for one
-    (~1 us a KB, 20 us for a 4-turn token history)."""
+    `sendable`: what is decoded is sent on or written as UTF-8 (a request, vLLM's reply), so a str holding a lone
+    surrogate escape raises LoneSurrogate. Only json makes such a str: what msgspec decodes needs no search of the whole
+    text for one (~1 us a KB, 20 us for a 4-turn token history)."""
     msgspec = _msgspec
 
     def loads(raw: bytes | str, schema: type | None = None, sendable: bool = False) -> Any:
@@ -1247,7 +1251,9 @@ def _json_metadata(metadata: dict | None, key: str) -> dict:
     if raw is None:
         return {}
     try:
-        value = _loads(raw) if isinstance(raw, str) else raw
+        value = _loads(raw, sendable=True) if isinstance(raw, str) else raw
+    except LoneSurrogate as exc:
+        raise bad_request(f"`metadata.{key}` {exc}", f"metadata.{key}") from None
     except ValueError:
         raise bad_request(f"`metadata.{key}` must be a JSON object encoded as a string", f"metadata.{key}") from None
     if not isinstance(value, dict):
@@ -1323,6 +1329,15 @@ def _malformed(where: str, expected: str) -> ApiError:
     return upstream_error(f"vLLM returned a malformed chat completion: `{where}` should be {expected}")
 
 
+def _is_timestamp(value: Any) -> bool:
+    """A number a Response's `created_at` (a float) can hold: not a bool, NaN, an infinity (`1e400`) or an int too
+    big for a float (`1e309` written out), which json would write as Infinity or float() refuse."""
+    return value.__class__ in _NUMBERS and -_FLOAT_MAX <= value <= _FLOAT_MAX  # int against float: compared exactly
+
+
+_FLOAT_MAX = sys.float_info.max
+
+
 def _first_choice(chat: Any) -> dict:
     """choices[0] of a vLLM chat completion, after checking every field the converters read."""
     choices = chat.get("choices") if isinstance(chat, dict) else None
@@ -1348,8 +1363,8 @@ def _first_choice(chat: Any) -> dict:
         raise _malformed("choices[0].logprobs", "{content: [...]} or null")
     if chat.get("usage") is not None and not isinstance(chat["usage"], dict):
         raise _malformed("usage", "an object or null")
-    if chat.get("created") is not None and type(chat["created"]) not in (int, float):
-        raise _malformed("created", "a number or null")
+    if chat.get("created") is not None and not _is_timestamp(chat["created"]):
+        raise _malformed("created", "a finite number or null")
     return choice  # the token ids are checked where they are read: _token_ids
 
 
@@ -1442,17 +1457,24 @@ def _spelled_as_logprob_tokens(token_ids: list | Any | None, tokens: list) -> bo
         return False
 
 
+class PromptIdsMissing(ApiError):
+    """A reply whose token-ID bundle lacks only the prompt's ids (vLLM builds that ignore `return_token_ids`): the
+    server asks vLLM's /tokenize for them (`_chat_upstream`)."""
+
+
 def extract_token_info(chat: dict, choice: dict | None = None) -> dict:
     """The training bundle of a chat completion: prompt ids, generated ids and their log probs.
 
     Sources, in order: a complete bundle on the message (NeMo RL's patched vLLM), else vLLM's
     `return_token_ids` fields checked against `token_id:<n>` logprob tokens. Anything partial or
     inconsistent is a 502: training on misaligned tokens silently corrupts a run. `choice`: the
-    already checked `_first_choice(chat)`, when the caller has it.
+    already checked `_first_choice(chat)`, when the caller has it. The reply's `prompt_token_ids` are read last:
+    where only they are missing, PromptIdsMissing.
     """
     choice = choice or _first_choice(chat)
     message = choice.get("message") or {}
-    if all(message.get(key) is not None for key in TOKEN_FIELDS):
+    from_message = all(message.get(key) is not None for key in TOKEN_FIELDS)
+    if from_message:
         bundle = {key: message[key] for key in TOKEN_FIELDS}
         unchecked = TOKEN_FIELDS  # not covered by _first_choice
     else:
@@ -1477,10 +1499,7 @@ def extract_token_info(chat: dict, choice: dict | None = None) -> dict:
                 raise upstream_error("vLLM's token_ids disagree with its logprob tokens", code="token_ids_mismatch")
         if generated is None:
             raise upstream_error("vLLM returned neither token_ids nor token_id:<n> logprob tokens; upgrade vLLM", code="token_ids_missing")
-        prompt = chat.get("prompt_token_ids")
-        if prompt in _NULLS:
-            raise upstream_error("vLLM returned no prompt_token_ids", code="token_ids_missing")
-        bundle = {"prompt_token_ids": _token_ids(prompt, "prompt_token_ids"), "generation_token_ids": generated,
+        bundle = {"prompt_token_ids": chat.get("prompt_token_ids"), "generation_token_ids": generated,
                   "generation_log_probs": log_probs}
         unchecked = ("generation_log_probs",)  # the ids were checked by _token_ids or parsed as ints above
     for key in unchecked:
@@ -1491,6 +1510,10 @@ def extract_token_info(chat: dict, choice: dict | None = None) -> dict:
         raise upstream_error(
             f"vLLM returned {_id_count(bundle['generation_token_ids'])} generated token ids but "
             f"{len(bundle['generation_log_probs'])} log probs", code="token_ids_mismatch")
+    if not from_message:
+        if bundle["prompt_token_ids"] in _NULLS:
+            raise PromptIdsMissing(502, "vLLM returned no prompt_token_ids", code="token_ids_missing")
+        bundle["prompt_token_ids"] = _token_ids(bundle["prompt_token_ids"], "prompt_token_ids")
     return bundle
 
 
@@ -1573,8 +1596,9 @@ def _output_logprobs(choice: dict) -> list:
 # msgspec Struct: decoding and reading 64 entries 17 -> 14 us against dicts, in _logprob_fields), and keeps the token
 # ids as their text (`_token_ids`: a third of the instructions of a request with a 2,000-token prompt). A reply of
 # another shape is decoded in full, so malformed replies are reported as before. What the schema skips is checked only
-# as JSON syntax: invalid UTF-8 or an int too long for json in a field no Response reads is not an error here (json,
-# reading the whole reply, makes it a 502). Written in the call syntax, so that the field types are objects, not
+# as JSON syntax, and so are the ids it keeps as text where the Response does not read them (token IDs off, or the
+# bundle on the message): invalid UTF-8 or an int too long for json there is not an error here (json, reading the whole
+# reply, makes it a 502). Written in the call syntax, so that the field types are objects, not
 # strings that msgspec would resolve in `sys.modules[__module__]`: under `python -m cProfile -m gym_vllm` that is
 # cProfile's module, and every token-ID request failed with a NameError. `total=False` is needed: msgspec (0.22)
 # refuses every value of a required Raw field.
@@ -1772,7 +1796,9 @@ class ResponsesStream:
         if type(chunk) is not dict:
             raise _malformed("chunk", "a JSON object")
         events: list[dict] = []
-        if not self.output and isinstance(chunk.get("created"), (int, float)):
+        if not self.output and chunk.get("created") is not None:
+            if not _is_timestamp(chunk["created"]):
+                raise _malformed("created", "a finite number or null")
             self.created = chunk["created"]
         usage = chunk.get("usage")
         if isinstance(usage, dict):
@@ -2423,8 +2449,12 @@ async def _read_upstream(context: RequestContext, response: aiohttp.ClientRespon
         raise upstream_error(f"vLLM at {url} broke off its answer: {exc.__class__.__name__}: {exc}", code="upstream_unreachable") from None
     finally:
         response.release()
-    try:
-        body = _loads(raw, schema if response.status == 200 else None) if raw else None
+    try:  # sendable: what is decoded here is sent on, as the Response or the error's message
+        body = _loads(raw, schema if response.status == 200 else None, sendable=True) if raw else None
+    except LoneSurrogate:
+        if response.status == 200:
+            raise upstream_error(f"vLLM at {url} answered 200 with JSON that {LONE_SURROGATE_IN_REPLY}") from None
+        body = None  # an error's text excerpt below keeps the escape as it was written
     except (ValueError, UnicodeDecodeError):
         body = None
     if response.status == 200:
@@ -2491,8 +2521,11 @@ async def _chat_upstream(context: RequestContext, session_id: str | None, chat_b
                         config.name, context.request_id, failure.message)
             return None
         raise failure
-    if config.return_token_id_information and body.get("prompt_token_ids") in _NULLS and body.get("choices"):
-        body["prompt_token_ids"] = await _tokenize(context, upstream, chat_body)
+    if config.return_token_id_information and body.get("prompt_token_ids") in _NULLS:
+        try:  # a bundle on the message needs no prompt ids, and a malformed reply is refused before another call
+            extract_token_info(body)
+        except PromptIdsMissing:
+            body["prompt_token_ids"] = await _tokenize(context, upstream, chat_body)
     return body
 
 
@@ -2650,7 +2683,9 @@ class _DataLines:
 
 def _parse_chunk(data: bytes) -> dict:
     try:
-        chunk = _loads(data)
+        chunk = _loads(data, sendable=True)
+    except LoneSurrogate:
+        raise upstream_error(f"vLLM sent a stream chunk that {LONE_SURROGATE_IN_REPLY}") from None
     except (ValueError, UnicodeDecodeError):
         raise upstream_error("vLLM sent a stream chunk that is not JSON") from None
     if isinstance(chunk, dict) and chunk.get("error"):
@@ -3172,7 +3207,9 @@ def resume_state(lines: Iterable[bytes]) -> ResumeState:
 def response_from_reply(status: int, raw: bytes) -> tuple[dict | None, str | None]:
     """The server's reply -> (Responses object, None) or (None, why it is not a rollout)."""
     try:
-        body = _loads(raw)
+        body = _loads(raw, sendable=True)  # the rollout is written out as UTF-8
+    except LoneSurrogate:
+        return None, f"HTTP {status}: the reply {LONE_SURROGATE_IN_REPLY}"
     except ValueError:
         body = None
     if status == 200 and isinstance(body, dict) and isinstance(body.get("output"), list):

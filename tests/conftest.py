@@ -96,6 +96,7 @@ class FakeUpstream:
         self.request_ids: list[str | None] = []  # X-Request-Id of each chat request
         self.refuse = False        # answer every chat request with vLLM's 503
         self.delay = 0.0           # seconds before answering
+        self.verbatim: bytes | None = None  # when set, the 200 body of every chat request (SSE for a stream), as it is
         self.active = self.max_active = 0
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
@@ -134,6 +135,9 @@ class FakeUpstream:
                                                 "param": "temperature", "code": 400}}, status=400)
         if command == "notjson":
             return web.Response(text="<html>gateway</html>", status=200)
+        if self.verbatim is not None:
+            content_type = "text/event-stream" if body.get("stream") else "application/json"
+            return web.Response(body=self.verbatim, status=200, headers={"Content-Type": content_type})
         if body.get("stream"):
             return await self.stream(request, body, command)
         if command == "reasoning":

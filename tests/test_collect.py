@@ -116,6 +116,9 @@ def test_replies_and_progress_line():
     assert gym_vllm.response_from_reply(500, b'"engine down"') == (None, "HTTP 500: engine down")
     assert gym_vllm.response_from_reply(502, b"<html>bad gateway</html>") == (None, "HTTP 502: <html>bad gateway</html>")
     assert "status `failed`: boom" in gym_vllm.response_from_reply(200, b'{"output": [], "status": "failed", "error": {"message": "boom"}}')[1]
+    assert gym_vllm.response_from_reply(200, b'{"output": [{"text": "\\ud800"}]}') == (  # was written out: a crash
+        None, "HTTP 200: the reply holds a lone UTF-16 surrogate escape (like \\ud800) in a string, which no UTF-8 text can carry")
+    assert gym_vllm.response_from_reply(200, b'{"output": [{"text": "\\ud83d\\ude00"}]}')[0] == {"output": [{"text": "\U0001F600"}]}
     assert gym_vllm.format_progress(30, 100, 2, 20, 10.0) == "30/100 done (30%), 2 failed, 2.0 rollouts/s, ETA 34s"
     assert gym_vllm.format_progress(0, 100, 0, 0, 3.0).endswith("0.0 rollouts/s, ETA ?")
 
@@ -244,6 +247,30 @@ async def test_a_server_that_hangs_up_stops_the_run(aiohttp_server, tmp_path):
     assert code == 1 and f"{source} line 1: connection failed" in stderr, stderr
     assert len(posts) == 8 and "stopped early: 8 requests in a row could not reach" in stderr
     assert "collect the 30 missing" in stderr and read_rollouts(tmp_path / "out.jsonl") == []
+
+
+async def test_a_reply_no_file_can_hold_is_a_failed_line_and_the_run_goes_on(aiohttp_server, tmp_path):
+    """Another server's Response with a lone surrogate escape (valid JSON, no UTF-8 for it) once crashed the run
+    (UnicodeEncodeError writing the rollout); it is that line's failure, and the rest are collected."""
+    from aiohttp import web
+
+    async def responses(request: web.Request) -> web.Response:
+        text = "\\udc00" if (await request.json())["input"] == "bad" else "fine"
+        return web.Response(body=b'{"output": [{"type": "message", "text": "%s"}], "status": "completed"}' % text.encode(),
+                            content_type="application/json")
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"data": []})
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/responses", responses)
+    server = await aiohttp_server(app)
+    source = write_jsonl(tmp_path / "in.jsonl", [{"input": "ok"}, {"input": "bad"}, {"input": "ok"}])
+    code, stderr = await run_collect("--url", f"http://127.0.0.1:{server.port}/v1", "--input", source,
+                                     "--output", tmp_path / "out.jsonl", "--concurrency", 1)
+    assert code == 1 and f"{source} line 2: HTTP 200: the reply holds a lone UTF-16 surrogate" in stderr, stderr
+    assert "Traceback" not in stderr and keys(read_rollouts(tmp_path / "out.jsonl")) == [(0, 0), (2, 0)]
 
 
 async def test_resume_after_sigkill_has_every_rollout_exactly_once(stub, tmp_path):

@@ -2,9 +2,11 @@
 
 import dataclasses
 import json
+import math
 import os
 import random
 import re
+import sys
 
 import pytest
 from hypothesis import given, settings, strategies as st
@@ -466,7 +468,7 @@ def vllm_reply(**changes):
     {"choices.0.logprobs.content": None}, {"choices.0.logprobs": None}, {"choices.0.token_ids": ["a", "b"]},
     {"choices.0.token_ids": [5, 7]}, {"choices.0.message": None}, {"choices.0.message.content": 5}, {"usage": 5},
     {"prompt_token_ids": None}, {"prompt_token_ids": [1, True]}, {"prompt_token_ids": [1.0]}, {"prompt_token_ids": "1"},
-    {"prompt_token_ids": [-1, 2**70]}, {"choices.0.logprobs.content.0.logprob": "x"}, {"created": "soon"},
+    {"prompt_token_ids": [-1, 2**70]}, {"choices.0.logprobs.content.0.logprob": "x"}, {"created": "soon"}, {"created": 10**309},
     {"choices.0.finish_reason": ["length"]},
 ], ids=lambda changes: ",".join(changes) or "as-vllm-sends-it")
 @pytest.mark.parametrize("separators", [(",", ":"), (", ", ": ")], ids=["compact", "spaced"])
@@ -486,10 +488,16 @@ def test_decoding_only_what_a_response_reads_converts_the_same(config, changes, 
     assert convert(gym_vllm._loads(raw, gym_vllm.CompletionForResponse)) == convert(gym_vllm._loads(raw))
 
 
-def test_a_created_that_is_not_a_number_is_a_502_not_an_internal_error():
-    with pytest.raises(ApiError) as info:
-        gym_vllm.chat_response_to_responses(vllm_reply(created="soon"), {"input": "q"}, BASE)
-    assert (info.value.status, info.value.message) == (502, "vLLM returned a malformed chat completion: `created` should be a number or null")
+@pytest.mark.parametrize("created", ["soon", True, 10**309, -10**309, math.inf, math.nan], ids=repr)
+def test_a_created_that_is_not_a_finite_number_is_a_502_not_an_internal_error(created):
+    """An int too big for a float was an OverflowError (a 500); an infinity or NaN was written as Infinity or NaN."""
+    for convert in (gym_vllm.chat_response_to_responses, gym_vllm.chat_response_for_client):
+        with pytest.raises(ApiError) as info:
+            convert(vllm_reply(created=created), {"input": "q"}, BASE)
+        assert (info.value.status, info.value.message) == (
+            502, "vLLM returned a malformed chat completion: `created` should be a finite number or null")
+    largest = int(sys.float_info.max)  # the largest float, as an int: compared exactly, it is in range
+    assert gym_vllm.chat_response_to_responses(vllm_reply(created=largest), {"input": "q"}, BASE)["created_at"] == float(largest)
 
 
 def test_a_finish_reason_that_is_not_a_string_is_a_502_not_an_internal_error():

@@ -43,6 +43,32 @@ async def test_token_ids_through_the_server_and_tokenize_fallback(fake_upstreams
     assert chat.choices[0].message.model_dump()["generation_token_ids"] == [11, 12, 13]
 
 
+@pytest.mark.parametrize("message, choice_extra, status", [
+    ('{"content":"x","prompt_token_ids":[7,8],"generation_token_ids":[5],"generation_log_probs":[-0.25]}', "", 200),
+    ('{"content":"x"}', ',"token_ids":[5,"six"]', 502),
+    ('{"content":"x"}', ',"token_ids":[5,6]', 502),  # two ids, one log prob
+    ('{"content":"x"}', ',"token_ids":[5],"logprobs":null', 502),
+], ids=["bundle-on-the-message", "ids-not-ints", "ids-and-log-probs-disagree", "no-log-probs"])
+async def test_tokenize_is_asked_only_for_the_prompt_ids_of_an_otherwise_good_reply(fake_upstreams, proxy, message,
+                                                                                    choice_extra, status):
+    """vLLM builds that ignore `return_token_ids` send no prompt ids, and /tokenize supplies them; a reply that carries
+    its whole bundle on the message needs none, and a reply that is a 502 anyway is one without that extra call."""
+    [(fake, url)] = await fake_upstreams(1)
+    base = await proxy(server_config(url, return_token_id_information=True))
+    logprobs = ',"logprobs":{"content":[{"token":"token_id:5","logprob":-0.25}]}' if '"logprobs"' not in choice_extra else ""
+    fake.verbatim = (b'{"created":1,"choices":[{"message":%s,"finish_reason":"stop"%s%s}],"prompt_token_ids":null}'
+                     % (message.encode(), choice_extra.encode(), logprobs.encode()))
+    async with aiohttp.ClientSession() as http:
+        for path, body in (("/responses", {"input": "q"}), ("/chat/completions", {"messages": [{"role": "user", "content": "q"}]})):
+            async with http.post(base + path, json=body) as answer:
+                reply = await answer.json()
+                assert answer.status == status, reply
+            if status == 200:
+                bundle = reply["output"][-1] if path == "/responses" else reply["choices"][0]["message"]
+                assert (bundle["prompt_token_ids"], bundle["generation_token_ids"], bundle["generation_log_probs"]) == ([7, 8], [5], [-0.25])
+    assert fake.tokenize_requests == []
+
+
 @pytest.mark.parametrize("command, status, code, fragment", [
     ("drop", 502, "upstream_unreachable", "dropped the request"),
     ("fail500", 502, "upstream_error", "engine exploded"),
@@ -63,6 +89,36 @@ async def test_upstream_failures_become_openai_errors(fake_upstreams, proxy, com
                 assert VLLM_API_KEY not in error["message"]
         async with http.post(base + "/responses", json={"input": "fine"}) as answer:  # and it keeps serving
             assert answer.status == 200
+
+
+def reply_with(message: str = '{"content":"ok"}', created: str = "1") -> bytes:
+    return b'{"created":%s,"choices":[{"message":%s,"finish_reason":"stop"}],"usage":null}' % (created.encode(), message.encode())
+
+
+@pytest.mark.parametrize("reply, fragment", [
+    (reply_with('{"content":"a\\ud800b"}'), "lone UTF-16 surrogate escape"),
+    (reply_with('{"content":null,"tool_calls":[{"id":"c","function":{"name":"\\udfff","arguments":"{}"}}]}'),
+     "lone UTF-16 surrogate escape"),
+    (reply_with(created="1" + "0" * 309), "`created` should be a finite number or null"),  # no float holds it
+    (reply_with(created="1e400"), "`created` should be a finite number or null"),  # json reads an infinity
+    (reply_with(created="NaN"), "`created` should be a finite number or null"),  # as Python's json writes a NaN
+], ids=["surrogate-in-content", "surrogate-in-tool-name", "created-too-big-for-a-float", "created-infinite", "created-nan"])
+async def test_a_reply_that_cannot_be_written_as_json_is_a_502_on_both_endpoints(fake_upstreams, proxy, reply, fragment):
+    """Valid JSON from vLLM that no reply can carry (a str UTF-8 cannot encode, a created_at no float holds, or one that
+    json would write as Infinity or NaN) is a 502 naming the field, not a 500 or an invalid reply."""
+    [(fake, url)] = await fake_upstreams(1)
+    base = await proxy(server_config(url))
+    async with aiohttp.ClientSession() as http:
+        fake.verbatim = reply
+        for path, body in (("/responses", {"input": "q"}), ("/chat/completions", {"messages": [{"role": "user", "content": "q"}]})):
+            async with http.post(base + path, json=body) as answer:
+                error = assert_openai_error(answer.status, await answer.json())
+                assert answer.status == 502 and fragment in error["message"], (path, error)
+        fake.verbatim = reply_with('{"content":"fine \\ud83d\\ude00"}', created="1e9")  # a pair is a character
+        async with http.post(base + "/responses", json={"input": "q"}) as answer:
+            reply = await answer.json()
+            assert answer.status == 200 and reply["output"][0]["content"][0]["text"] == "fine \U0001F600"
+            assert reply["created_at"] == 1e9
 
 
 async def test_sdk_raises_typed_errors(fake_upstreams, proxy):
@@ -131,6 +187,9 @@ async def test_context_overflow_is_an_incomplete_reply_or_propagated(fake_upstre
     ("POST", "/v1/responses", b'{"input": "a\\ud800b"}', 400),  # a lone surrogate escape: valid JSON, no UTF-8 for it
     ("POST", "/v1/responses", b'{"input": "ok", "metadata": {"\\uDFFF": "key"}}', 400),
     ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "seed_note": "\\udc00"}', 400),
+    # ... or in the JSON text of NeMo Gym's metadata overrides (it was sent on to vLLM: a 500)
+    ("POST", "/v1/responses", b'{"input": "q", "metadata": {"extra_body": "{\\"stop\\": \\"\\\\ud800\\"}"}}', 400),
+    ("POST", "/v1/responses", b'{"input": "q", "metadata": {"chat_template_kwargs": "{\\"x\\": \\"\\\\udbff\\"}"}}', 400),
     ("POST", "/v1/responses", b'{"input": "' + b"x" * (2 * 1024 * 1024) + b'"}', 413),
     ("GET", "/v1/responses", None, 405),
     ("DELETE", "/health", None, 405),

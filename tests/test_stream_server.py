@@ -84,6 +84,38 @@ async def test_upstream_failure_mid_stream_ends_with_response_failed(fake_upstre
     assert lines[-1] == b"data: [DONE]\n" and fragment in json.loads(lines[-2][6:])["error"]["message"]
 
 
+def sse_of(*chunks: str) -> bytes:
+    return b"".join(b'data: {"created":1,"choices":[{"index":0,"delta":%s,"finish_reason":null}]}\n\n' % c.encode()
+                    for c in chunks) + b"data: [DONE]\n\n"
+
+
+async def test_a_chunk_that_cannot_be_written_as_json_fails_the_stream_not_the_server(fake_upstreams, proxy):
+    """A chunk with a lone surrogate escape (no UTF-8 text carries it) or a `created` no float holds ends a Responses
+    stream with `error` and `response.failed` naming it; before the fix the first was a UnicodeEncodeError and the
+    second an OverflowError, the stream cut short. A chat chunk relayed as it came keeps its escape, as vLLM wrote it;
+    one the relay must rewrite (reasoning) fails like a Responses stream."""
+    [(fake, url)] = await fake_upstreams(1)
+    base = await proxy(server_config(url))
+    surrogate = '{"content":"a\\ud800"}'
+    fake.verbatim = sse_of('{"role":"assistant","content":""}', '{"content":"ok "}', surrogate)
+    events = await post_stream(base, {"input": "q"})
+    assert [e["type"] for e in events][-2:] == ["error", "response.failed"]
+    assert "lone UTF-16 surrogate escape" in events[-2]["message"] and check_lifecycle(events)["status"] == "failed"
+    fake.verbatim = sse_of('{"role":"assistant","content":""}').replace(b'"created":1', b'"created":1' + b"0" * 309)
+    events = await post_stream(base, {"input": "q"})
+    assert "`created` should be a finite number or null" in events[-2]["message"] and events[-1]["type"] == "response.failed"
+    async with aiohttp.ClientSession() as http:
+        for delta, relayed in ((surrogate, True), ('{"reasoning_content":"\\udc00"}', False)):
+            fake.verbatim = sse_of(delta)
+            async with http.post(base + "/chat/completions", json={"messages": [{"role": "user", "content": "q"}], "stream": True}) as answer:
+                lines = [line async for line in answer.content if line.strip()]
+            assert lines[-1] == b"data: [DONE]\n"
+            if relayed:
+                assert lines[0] == sse_of(delta).split(b"\n")[0] + b"\n"
+            else:
+                assert "lone UTF-16 surrogate escape" in json.loads(lines[-2][6:])["error"]["message"]
+
+
 async def test_errors_before_the_stream_starts_are_plain_json(fake_upstreams, proxy):
     [(_, url)] = await fake_upstreams(1)
     base = await proxy(server_config(url, uses_reasoning_parser=False))
