@@ -247,7 +247,9 @@ def _json_decoder() -> Callable[..., Any]:
                 except msgspec.DecodeError:  # ValidationError, a document of another shape, is one too
                     if schema:
                         return loads(raw, sendable=sendable)
-            value = json.loads(raw)
+            # Decoded strictly here: json.loads would decode bytes with `surrogatepass`, making a lone surrogate of
+            # UTF-8 that encodes one (ED A0 80), which is invalid UTF-8 and which msgspec refuses as such.
+            value = json.loads(raw.decode(json.detect_encoding(raw)) if raw.__class__ is bytes else raw)
         except RecursionError:
             raise ValueError("JSON nested too deeply") from None
         if sendable and _holds_lone_surrogate(raw, value):
@@ -1948,6 +1950,18 @@ class ResponsesStream:
                        "output_index": len(self.output) - 1, "content_index": 0, "delta": text, "logprobs": []})
         self.sequence += 1
 
+    def take_text(self, text: str) -> tuple[dict, int] | None:
+        """What feed() does with a chunk that carries only `text` (no usage, ids or finish reason) where that text is
+        the open message's next delta (the phase is text and a message is open): the text appended, the event's
+        sequence number taken; returns (the message item, that number), for the caller to write the event. None,
+        and nothing changed, where feed() has more to do."""
+        item = self.open_item
+        if self.phase != "text" or item is None or item["type"] != "message":
+            return None
+        self.message_text.append(text)
+        self.sequence += 1
+        return item, self.sequence - 1
+
     def _open_message(self, events: list) -> None:
         self._close_open_item(events)
         self.message_text = []
@@ -2702,17 +2716,72 @@ def _stream_failure(config: ServerConfig, exc: BaseException) -> ApiError:
     return upstream_error(f"vLLM broke off the stream: {exc.__class__.__name__}: {exc}", code="upstream_unreachable")
 
 
+# The shortcut for the chunk of nearly every token (`_ResponsesSSE.convert`). vLLM writes each chunk of a stream with
+# the same head, `{"id":"chatcmpl-…","object":"chat.completion.chunk","created":…,"model":"…","choices":[{"index":0,
+# "delta":{`: checked once by _CHUNK_HEAD on a chunk that decoded, its bytes then vouch for every chunk that starts
+# with them. After it, `"content":"<text>"` and one of _TEXT_CHUNK_TAILS make a chunk with nothing but that text, which
+# is valid JSON where the text has no quote, backslash or control character (_NOT_PLAIN_TEXT) and is UTF-8: such a
+# string's JSON is its bytes between quotes, as `_json_string` writes its decoded text.
+_CHUNK_HEAD = re.compile(rb'\{"id":"[^"\\\x00-\x1f]*","object":"chat\.completion\.chunk","created":[0-9]+,'
+                         rb'"model":"[^"\\\x00-\x1f]*","choices":\[\{"index":0,"delta":\{')
+_TEXT_CHUNK_TAILS = (b'"},"logprobs":null,"finish_reason":null,"token_ids":null}]}',  # vLLM 0.11+
+                     b'"},"logprobs":null,"finish_reason":null}]}')
+_NOT_PLAIN_TEXT = re.compile(rb'["\\\x00-\x1f]')
+_TEXT_DELTA_EVENT = b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","sequence_number":'
+
+
 class _ResponsesSSE:
-    """`/v1/responses` framing for `_relay_stream`: chunks in, Responses events out (the state machine does the work)."""
+    """`/v1/responses` framing for `_relay_stream`: chunks in, Responses events out (the state machine does the work).
+
+    A chunk that only carries the open message's next text, nearly every one, takes a shortcut: recognized by its
+    bytes, its event written from them (`_CHUNK_HEAD`), byte for byte what decoding it and feeding it to the machine
+    would send, at a third of the CPU (paired against the pass-through, ~2 us less per event)."""
 
     def __init__(self, machine: ResponsesStream) -> None:
         self.machine = machine
+        self.text_chunk_head: bytes | None = None  # the stream's chunk head and `"content":"`, once checked
+        self.head_checked = False
+        self.delta_item: dict | None = None        # the message whose event middle is `delta_middle`
+        self.delta_middle = b""
 
     def start(self) -> bytes:
         return _sse_bytes(self.machine.start())
 
     def convert(self, data: bytes) -> bytes:
-        return _sse_bytes(self.machine.feed(_parse_chunk(data)))
+        head = self.text_chunk_head
+        if head is not None and data.startswith(head):
+            event = self._text_event(data, len(head))
+            if event is not None:
+                return event
+        chunk = _parse_chunk(data)
+        if not self.head_checked:  # the first chunk that decoded: its head is the stream's
+            self.head_checked = True
+            match = _CHUNK_HEAD.match(data)
+            self.text_chunk_head = match.group() + b'"content":"' if match else None
+        return _sse_bytes(self.machine.feed(chunk))
+
+    def _text_event(self, data: bytes, start: int) -> bytes | None:
+        for tail in _TEXT_CHUNK_TAILS:
+            if data.endswith(tail):
+                break
+        else:
+            return None
+        raw_text = data[start:len(data) - len(tail)]
+        if not raw_text or _NOT_PLAIN_TEXT.search(raw_text) is not None:
+            return None
+        try:
+            text = raw_text.decode()
+        except UnicodeDecodeError:  # feed's way reports it
+            return None
+        taken = self.machine.take_text(text)
+        if taken is None:
+            return None
+        item, sequence_number = taken
+        if item is not self.delta_item:
+            self.delta_item = item
+            self.delta_middle = (f',"item_id":"{item["id"]}","output_index":{len(self.machine.output) - 1},'
+                                 f'"content_index":0,"delta":"').encode()
+        return b'%b%d%b%b","logprobs":[]}\n\n' % (_TEXT_DELTA_EVENT, sequence_number, self.delta_middle, raw_text)
 
     def finish(self) -> bytes:
         return _sse_bytes(self.machine.finish())

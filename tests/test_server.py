@@ -187,6 +187,8 @@ async def test_context_overflow_is_an_incomplete_reply_or_propagated(fake_upstre
     ("POST", "/v1/responses", b'{"input": "a\\ud800b"}', 400),  # a lone surrogate escape: valid JSON, no UTF-8 for it
     ("POST", "/v1/responses", b'{"input": "ok", "metadata": {"\\uDFFF": "key"}}', 400),
     ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "x"}], "seed_note": "\\udc00"}', 400),
+    # ... or as the UTF-8 of a surrogate, invalid UTF-8 that json.loads decoded into one (stdlib json: a 500)
+    ("POST", "/v1/responses", b'{"input": "a\xed\xa0\x80b"}', 400),
     # ... or in the JSON text of NeMo Gym's metadata overrides (it was sent on to vLLM: a 500)
     ("POST", "/v1/responses", b'{"input": "q", "metadata": {"extra_body": "{\\"stop\\": \\"\\\\ud800\\"}"}}', 400),
     ("POST", "/v1/responses", b'{"input": "q", "metadata": {"chat_template_kwargs": "{\\"x\\": \\"\\\\udbff\\"}"}}', 400),

@@ -314,3 +314,90 @@ def test_fast_sse_formatting_is_byte_identical_to_the_encoder():
     assert len(deltas) > 250
     for event in events:
         assert gym_vllm._sse_event(event) == f"event: {event['type']}\ndata: {gym_vllm._dumps(event)}\n\n"
+
+
+def vllm_chunk_bytes(delta, finish_reason=None, token_ids_key=True, chunk_id="chatcmpl-7f3a", model="tiny", **extra) -> bytes:
+    """A chunk as vLLM writes it (compact, its key order; `token_ids: null` since vLLM 0.11)."""
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    if token_ids_key:
+        choice["token_ids"] = None
+    value = {"id": chunk_id, "object": "chat.completion.chunk", "created": 1700000000, "model": model, "choices": [choice], **extra}
+    return gym_vllm._dumps(value).encode()
+
+
+def sse_of_stream(datas, config, shortcut):
+    """The bytes a /v1/responses stream sends for vLLM's `data:` payloads, through _ResponsesSSE (with its shortcut for
+    text chunks) or decoding and feeding every chunk; the error the stream ends with, if any; feed's calls."""
+    gym_vllm._random_hex.clear()  # the same item ids on both sides
+    random.seed(11)
+    machine = gym_vllm.ResponsesStream({"input": "q", "stream": True}, config)
+    machine.created = 1.0
+    feeds = []
+    feed = machine.feed
+    machine.feed = lambda chunk: feeds.append(chunk) or feed(chunk)
+    framing = gym_vllm._ResponsesSSE(machine)
+    out = [framing.start()]
+    try:
+        for data in datas:
+            out.append(framing.convert(data) if shortcut else gym_vllm._sse_bytes(machine.feed(gym_vllm._parse_chunk(data))))
+        out.append(framing.finish())
+    except ApiError as exc:
+        return b"".join(out), (exc.status, exc.message), len(feeds)
+    return b"".join(out), None, len(feeds)
+
+
+PLAIN_TEXT = ['a', 'b', ' ', 'é', '🙂', 'x\u2028', '>', '/', 'think']
+SPECIAL_TEXT = ['"', '\\', '\n', '\t', '\x1f', '<', '<think>', '</think>']
+
+
+@pytest.mark.parametrize("config", [BASE, NO_PARSER, TRAIN], ids=["parser", "no-parser", "token-ids"])
+def test_the_text_chunk_shortcut_writes_what_decoding_and_feeding_would(config):
+    """_ResponsesSSE's shortcut for vLLM's text chunks (recognized by their bytes) sends byte for byte what decoding
+    each chunk and feeding it to the machine sends, or fails the same way, for random streams: texts with quotes,
+    backslashes, control and non-ASCII characters, think tags; chunks of other shapes between (reasoning, tool calls,
+    finish, usage, another id, no token_ids key); invalid UTF-8 or a raw control character in the text."""
+    rng = random.Random(5)
+    shortcut_taken = 0
+    for _ in range(300):
+        datas = [vllm_chunk_bytes({"role": "assistant", "content": ""}, model=rng.choice(["tiny", "tiny", "tiny", 'q"uoted']))]
+        for _ in range(rng.randint(0, 30)):
+            text = "".join(rng.choice(PLAIN_TEXT if rng.random() < 0.9 else SPECIAL_TEXT) for _ in range(rng.randint(0, 4)))
+            kind = rng.random()
+            if kind < 0.75:
+                datas.append(vllm_chunk_bytes({"content": text}))
+            elif kind < 0.8:
+                datas.append(vllm_chunk_bytes({"content": text}, token_ids_key=False))
+            elif kind < 0.84:
+                datas.append(vllm_chunk_bytes({"content": text}, chunk_id="chatcmpl-other"))
+            elif kind < 0.86:
+                datas.append(vllm_chunk_bytes({"reasoning": text or "r"}))
+            elif kind < 0.9:
+                datas.append(vllm_chunk_bytes({"tool_calls": [{"index": 0, "id": "call_1", "function": {"name": "f", "arguments": text}}]}))
+            elif kind < 0.94:
+                datas.append(vllm_chunk_bytes({"content": text}, usage={"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}))
+            elif kind < 0.96:
+                datas.append(vllm_chunk_bytes({"content": "ok"}).replace(b'"ok"', rng.choice([b'"o\xffk"', b'"o\x01k"', b'"\xed\xa0\x80"'])))
+            else:
+                datas.append(vllm_chunk_bytes({"content": text}, "stop"))
+        datas.append(vllm_chunk_bytes({}, rng.choice(["stop", "length"])))
+        with_shortcut, without = sse_of_stream(datas, config, True), sse_of_stream(datas, config, False)
+        assert with_shortcut[:2] == without[:2], datas
+        shortcut_taken += without[2] - with_shortcut[2]
+    assert shortcut_taken > 800  # the shortcut was taken (about 1,000 times), not skipped
+
+
+def test_the_text_chunk_shortcut_on_a_real_engine_stream_shape():
+    """Chunks as in vllm-cpu.md §4c: every text chunk after the one that opened the message takes the shortcut, and the
+    events are the same."""
+    head = b'{"id":"chatcmpl-b129","object":"chat.completion.chunk","created":1763900000,"model":"tiny","choices":[{"index":0,"delta":'
+    datas = [head + b'{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}],"prompt_token_ids":null,"prompt_text":null}',
+             head + b'{"content":"<think>a"},"logprobs":null,"finish_reason":null,"token_ids":null}]}',
+             head + b'{"content":"</think>"},"logprobs":null,"finish_reason":null,"token_ids":null}]}',
+             *[head + b'{"content":"\xc3\xa9tu %d"},"logprobs":null,"finish_reason":null,"token_ids":null}]}' % i for i in range(5)],
+             head + b'{"content":"tu"},"logprobs":null,"finish_reason":"length","stop_reason":null,"token_ids":null}]}',
+             b'{"id":"chatcmpl-b129","object":"chat.completion.chunk","created":1763900000,"model":"tiny","choices":[],'
+             b'"usage":{"prompt_tokens":13,"total_tokens":16,"completion_tokens":3},"system_fingerprint":"vllm-0.32.0-7c58b63e"}']
+    with_shortcut, without = sse_of_stream(datas, BASE, True), sse_of_stream(datas, BASE, False)
+    assert with_shortcut[:2] == without[:2] and without[1] is None
+    assert (without[2], with_shortcut[2]) == (len(datas), len(datas) - 4)  # "étu 1" to "étu 4"
+    assert "étu 4" in with_shortcut[0].decode()
