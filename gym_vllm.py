@@ -604,6 +604,11 @@ def check_config_type(value: Any, types: tuple, what: str, where: ConfigPlace | 
     return value
 
 
+# Fields no `extra_body` (the config's or a request's `metadata.extra_body`) may set: the proxy writes them, or reads them
+# to relay vLLM's answer (a stream asked for there would reach a client that expects one JSON reply).
+_NOT_EXTRA_BODY = frozenset({"stream", "stream_options", "messages", "model"})
+
+
 def server_config_from_dict(name: str, values: dict, source: str = "<python>", where: ConfigPlace | None = None) -> ServerConfig:
     """Validates one `vllm_model` block (already interpolated) and builds its ServerConfig.
 
@@ -634,6 +639,13 @@ def server_config_from_dict(name: str, values: dict, source: str = "<python>", w
         raise ConfigError(f"{where.key('server_api_key')}: must not be empty; leave it out to serve without a key")
     if not 0 <= kwargs.get("port", 0) <= 65535:
         raise ConfigError(f"{where.key('port')}: must be between 0 and 65535, got {kwargs['port']}")
+    extra_body = kwargs.get("extra_body") or {}
+    if extra_body.keys() & _NOT_EXTRA_BODY:
+        raise ConfigError(f"{where.key('extra_body')}: must not set {', '.join(sorted(extra_body.keys() & _NOT_EXTRA_BODY))}: "
+                          f"the proxy sets them per request")
+    if not isinstance(extra_body.get("chat_template_kwargs") or {}, dict):
+        raise ConfigError(f"{where.key('extra_body')}: `chat_template_kwargs` must be a mapping; better, use the "
+                          f"server's own `chat_template_kwargs` key")
     return ServerConfig(name=name, source=source, **kwargs)
 
 
@@ -974,7 +986,8 @@ def _input_items_to_messages(items: list, keep_token_ids: bool) -> list[dict]:
                             current["refusal"].append(_check_type(part.get("refusal", ""), (str,), f"{param}.content[{j}].refusal", "a string"))
                         else:
                             current["content"].append(_text_of_parts([part], f"{param}.content[{j}:]", ("output_text", "input_text", "text")))
-                for j, call in enumerate(item.get("tool_calls") or []):  # a chat-shaped assistant message
+                calls = _check_type(item.get("tool_calls") or [], (list,), f"{param}.tool_calls", "a list")
+                for j, call in enumerate(calls):  # a chat-shaped assistant message
                     _check_type(call, (dict,), f"{param}.tool_calls[{j}]", "an object")
                     current["tool_calls"].append(call)
             elif role in ("user", "system", "developer"):
@@ -1051,6 +1064,8 @@ def _tools_to_chat(tools: Any) -> list[dict]:
         if tool.get("type") != "function":
             raise bad_request(f"unsupported tool type {tool.get('type')!r} in `tools[{i}]`; only function tools are supported", f"tools[{i}].type")
         if isinstance(tool.get("function"), dict):  # already chat-shaped
+            if not isinstance(tool["function"].get("name"), str) or not tool["function"]["name"]:
+                raise bad_request(f"`tools[{i}].function.name` must be a non-empty string", f"tools[{i}].function.name")
             chat_tools.append({"type": "function", "function": tool["function"]})
             continue
         name = tool.get("name")
@@ -1073,7 +1088,10 @@ def _tool_choice_to_chat(choice: Any, tool_names: set[str]) -> str | dict:
             raise bad_request("`tool_choice: required` needs at least one tool in `tools`", "tool_choice")
         return choice
     if isinstance(choice, dict) and choice.get("type") == "function":
-        name = choice.get("name") or (choice.get("function") or {}).get("name")
+        function = _check_type(choice.get("function") or {}, (dict,), "tool_choice.function", "an object")
+        name = choice.get("name") or function.get("name")
+        if not isinstance(name, str):
+            raise bad_request("`tool_choice` must name its function: {type: function, name}", "tool_choice")
         if name not in tool_names:
             raise bad_request(f"`tool_choice` names function {name!r}, which is not in `tools`", "tool_choice")
         return {"type": "function", "function": {"name": name}}
@@ -1119,7 +1137,7 @@ def _check_unsupported(request: dict) -> None:
     for entry in include:
         if not isinstance(entry, str) or entry not in _SUPPORTED_INCLUDES:
             raise bad_request(f"`include` value {entry!r} is not supported; supported: {', '.join(sorted(_SUPPORTED_INCLUDES))}", "include")
-    if request.get("n", 1) != 1:
+    if request.get("n") not in (None, 1):
         raise bad_request("`n` must be 1: a Response holds one completion", "n")
 
 
@@ -1243,6 +1261,8 @@ def _move_history_reasoning(message: dict) -> dict:
     if not blocks:
         return message
     existing = message.get("reasoning_content") or message.get("reasoning")
+    if existing is not None and not isinstance(existing, str):
+        raise bad_request("an assistant message's `reasoning_content` (or `reasoning`) must be a string", "messages")
     reasoning = "\n\n".join(([existing] if existing else []) + blocks)
     return {**message, "content": content, "reasoning_content": reasoning, "reasoning": reasoning}
 
@@ -1283,6 +1303,12 @@ def prepare_chat_request(chat: dict, config: ServerConfig, metadata: dict | None
         messages = [_move_history_reasoning(m) if m["role"] == "assistant" else m for m in messages]
 
     extra = {k: v for k, v in {**(config.extra_body or {}), **_json_metadata(metadata, "extra_body")}.items() if v is not None}
+    if extra.keys() & _NOT_EXTRA_BODY:  # the request's own fields: the proxy reads them to relay vLLM's answer
+        key = sorted(extra.keys() & _NOT_EXTRA_BODY)[0]
+        raise bad_request(f"`{key}` cannot be set through `extra_body` (`metadata.extra_body` or the server's config): "
+                          f"set it on the request itself", "metadata.extra_body")
+    if extra.get("chat_template_kwargs") is not None:
+        _check_type(extra["chat_template_kwargs"], (dict,), "metadata.extra_body", "an object whose `chat_template_kwargs` is an object")
     body = {**extra, **chat, "messages": messages, "model": config.model}
 
     request_kwargs = chat.get("chat_template_kwargs")
@@ -1294,7 +1320,7 @@ def prepare_chat_request(chat: dict, config: ServerConfig, metadata: dict | None
         body["chat_template_kwargs"] = template_kwargs
 
     if config.return_token_id_information:
-        if body.get("n", 1) != 1:
+        if body.get("n") not in (None, 1):
             raise bad_request("`n` must be 1 when the server returns token IDs for training", "n")
         body["logprobs"] = True
         body["top_logprobs"] = body.get("top_logprobs") or 0
@@ -1659,11 +1685,7 @@ def chat_response_for_client(chat: dict, request: dict, config: ServerConfig) ->
     move onto the message; the raw vLLM token fields are removed unless the client asked for them.
     """
     choice = _first_choice(chat)
-    message = choice.get("message") or {}
-    reasoning = _reasoning_from_upstream(message, config)
-    if reasoning:
-        message = {k: v for k, v in message.items() if k not in ("reasoning", "reasoning_content")}
-        message["content"] = f"<think>{reasoning}</think>{message.get('content') or ''}"
+    message = _with_think_text(choice.get("message") or {}, config)
     if config.return_token_id_information:
         message = {**message, **extract_token_info(chat, choice)}
         chat = {k: v for k, v in chat.items() if k != "prompt_token_ids"}
@@ -1671,7 +1693,29 @@ def chat_response_for_client(chat: dict, request: dict, config: ServerConfig) ->
         if not request.get("logprobs"):
             choice["logprobs"] = None
     choice = {**choice, "message": message}
-    return {**chat, "model": config.model, "choices": [choice, *chat["choices"][1:]]}
+    return {**chat, "model": config.model, "choices": [choice, *map(_other_choice_for_client, chat["choices"][1:],
+                                                                    itertools.count(1), itertools.repeat(config))]}
+
+
+def _with_think_text(message: dict, config: ServerConfig) -> dict:
+    """A message with vLLM's reasoning field re-wrapped as `<think>` at the start of its content (reference parity)."""
+    reasoning = _reasoning_from_upstream(message, config)
+    if not reasoning:
+        return message
+    message = {k: v for k, v in message.items() if k not in ("reasoning", "reasoning_content")}
+    message["content"] = f"<think>{reasoning}</think>{message.get('content') or ''}"
+    return message
+
+
+def _other_choice_for_client(choice: Any, index: int, config: ServerConfig) -> Any:
+    """choices[1:] (`n` > 1): their reasoning re-wrapped like the first's, once its fields are checked as strings."""
+    message = choice.get("message") if isinstance(choice, dict) else None
+    if not isinstance(message, dict) or not (message.keys() & {"reasoning", "reasoning_content"}):
+        return choice
+    for key in ("content", "reasoning", "reasoning_content"):
+        if message.get(key) is not None and not isinstance(message[key], str):
+            raise _malformed(f"choices[{index}].message.{key}", "a string or null")
+    return {**choice, "message": _with_think_text(message, config)}
 
 
 # vLLM's wordings for "the prompt or max_tokens does not fit the context" (vllm-cpu.md §4d, vllm-h100.md).
@@ -1830,6 +1874,8 @@ class ResponsesStream:
             self._text(events, content)
         tool_calls = delta.get("tool_calls")
         if tool_calls:
+            if type(tool_calls) is not list:
+                raise _malformed("choices[0].delta.tool_calls", "a list of {index, id, function}")
             for call in tool_calls:
                 self._tool_call(events, call)
         finish_reason = choice.get("finish_reason")
@@ -1888,8 +1934,9 @@ class ResponsesStream:
         self._message_delta(events, held)
 
     def _tool_call(self, events: list, call: Any) -> None:
-        if not isinstance(call, dict) or not isinstance(call.get("function") or {}, dict):
-            raise _malformed("choices[0].delta.tool_calls", "a list of {index, id, function}")
+        if not isinstance(call, dict) or not isinstance(call.get("function") or {}, dict) or not isinstance(
+                (call.get("function") or {}).get("name") or "", str):
+            raise _malformed("choices[0].delta.tool_calls", "a list of {index, id, function: {name, arguments}}")
         function = call.get("function") or {}
         index = call.get("index", 0)
         if self.phase != "text":
@@ -2042,30 +2089,38 @@ class ChatStreamRelay:
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
-        self.in_reasoning = False
+        self.in_reasoning: set = set()  # the `index` of each choice inside an open <think> (n > 1 streams interleave)
 
     def needs(self, raw: bytes) -> bool:
         """Whether a raw `data:` line has to be parsed and rewritten."""
-        return self.in_reasoning or raw.find(b'"reasoning') >= 0  # find: see _respelled
+        return bool(self.in_reasoning) or raw.find(b'"reasoning') >= 0  # find: see _respelled
 
-    def rewrite(self, chunk: dict) -> dict:
+    def rewrite(self, chunk: Any) -> dict:
+        if type(chunk) is not dict or not isinstance(chunk.get("choices") or [], list):
+            raise _malformed("chunk", "an object with a list of `choices`")
         for choice in chunk.get("choices") or []:
             delta = choice.get("delta") if isinstance(choice, dict) else None
             if not isinstance(delta, dict):
                 continue
             reasoning = delta.pop("reasoning_content", None)
             reasoning = delta.pop("reasoning", None) or reasoning
+            content = delta.get("content")
+            if not isinstance(reasoning or "", str) or not isinstance(content or "", str):
+                raise _malformed("choices[].delta", "{content, reasoning} as strings or null")
             if reasoning:
                 _reasoning_from_upstream({"reasoning": reasoning}, self.config)
+            index = choice.get("index", 0)
+            if not isinstance(index, int):
+                raise _malformed("choices[].index", "an integer")
             text = ""
             if reasoning:
-                text = reasoning if self.in_reasoning else _THINK_OPEN + reasoning
-                self.in_reasoning = True
-            if self.in_reasoning and (delta.get("content") or delta.get("tool_calls") or choice.get("finish_reason")):
+                text = reasoning if index in self.in_reasoning else _THINK_OPEN + reasoning
+                self.in_reasoning.add(index)
+            if index in self.in_reasoning and (content or delta.get("tool_calls") or choice.get("finish_reason")):
                 text += _THINK_CLOSE
-                self.in_reasoning = False
+                self.in_reasoning.discard(index)
             if text:
-                delta["content"] = text + (delta.get("content") or "")
+                delta["content"] = text + (content or "")
         return chunk
 
 
@@ -2867,6 +2922,11 @@ async def _relay_stream(context: RequestContext, upstream: aiohttp.ClientRespons
                 failure = _stream_failure(config, exc)
                 log.warning("server %s: request %s: stream failed: %s", config.name, context.request_id, failure.message)
                 tail = framing.fail(failure)
+            except Exception as exc:  # a bug of ours: the headers are sent, so the stream still ends in its own way
+                log.error("server %s: request %s: internal error mid-stream: %r", config.name, context.request_id, exc,
+                          exc_info=log.isEnabledFor(logging.DEBUG))
+                exc.__traceback__ = None
+                tail = framing.fail(ApiError(500, f"internal error in gym_vllm: {exc.__class__.__name__}"))
         await response.write(tail)
         events[path] += tail.count(b"\n\n")
         await response.write_eof()

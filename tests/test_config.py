@@ -141,6 +141,11 @@ def test_config_errors_point_at_the_line_of_the_key(tmp_path):
     assert error(path).startswith(f"{path}:4: policy_model.responses_api_models.vllm_model.base_url: base_url 'b' must start")
     path = server(tmp_path, REQUIRED + "      extra_body:\n        seed: 1\n        stop: [a, '${nope}']\n")
     assert error(path).startswith(f"{path}:11: policy_model.responses_api_models.vllm_model.extra_body.stop[1]: variable ${{nope}}")
+    path = server(tmp_path, REQUIRED + "      extra_body:\n        seed: 1\n        stream: true\n")  # the proxy's field
+    assert error(path) == (f"{path}:9: policy_model.responses_api_models.vllm_model.extra_body: must not set stream: the "
+                           f"proxy sets them per request")
+    path = server(tmp_path, REQUIRED + "      extra_body:\n        chat_template_kwargs: [enable_thinking]\n")
+    assert "extra_body: `chat_template_kwargs` must be a mapping" in error(path)
     first = server(tmp_path)  # a key from a later file is reported at its line in that file
     second = write(tmp_path, "# override\npolicy_model:\n  responses_api_models:\n    vllm_model:\n      port: -1\n", "b.yaml")
     assert error(first, second).startswith(f"{second}:5: policy_model.responses_api_models.vllm_model.port: must be between")

@@ -224,6 +224,9 @@ def test_training_mode_asks_vllm_for_everything_in_one_call():
     with pytest.raises(ApiError):
         gym_vllm.prepare_chat_request({"messages": [{"role": "user", "content": "q"}], "n": 2}, TRAIN)
     assert gym_vllm.prepare_chat_request({"messages": [{"role": "user", "content": "q"}], "n": 2}, BASE)["n"] == 2
+    for config in (BASE, TRAIN):  # n: null is the default, 1 (it was a 400)
+        assert convert({"input": "q", "n": None}, config)["model"] == config.model
+        assert gym_vllm.prepare_chat_request({"messages": [{"role": "user", "content": "q"}], "n": None}, config)["n"] is None
 
 
 def test_token_ids_on_input_items_ride_on_the_rebuilt_assistant_message():
@@ -537,6 +540,24 @@ def test_chat_endpoint_response_postprocessing():
     assert plain["choices"][0]["message"]["content"] == "<think>r</think>x"
     with pytest.raises(ApiError):
         gym_vllm.chat_response_for_client(completion("x", reasoning="r"), {}, NO_PARSER)
+
+
+def test_chat_endpoint_rewraps_the_reasoning_of_every_choice():
+    """n > 1: choices[1:] kept vLLM's reasoning fields, unlike the first (and a parser mismatch went unnoticed)."""
+    chat = completion("x", reasoning_content="r")
+    second = completion("y", reasoning="s")["choices"][0]
+    chat["choices"] += [{**second, "index": 1}, {"index": 2, "message": {"role": "assistant", "content": "z"}}]
+    out = gym_vllm.chat_response_for_client(chat, {"messages": [], "n": 3}, BASE)
+    assert [c["message"]["content"] for c in out["choices"]] == ["<think>r</think>x", "<think>s</think>y", "z"]
+    assert out["choices"][2] is chat["choices"][2] and "reasoning" not in out["choices"][1]["message"]
+    chat["choices"][1]["message"]["reasoning"] = ["s"]
+    with pytest.raises(ApiError) as info:
+        gym_vllm.chat_response_for_client(chat, {}, BASE)
+    assert "`choices[1].message.reasoning` should be a string or null" in info.value.message
+    with pytest.raises(ApiError) as info:
+        gym_vllm.chat_response_for_client({**completion("x"), "choices": [completion("x")["choices"][0],
+                                                                          completion("y", reasoning="s")["choices"][0]]}, {}, NO_PARSER)
+    assert info.value.code == "reasoning_parser_mismatch"
 
 
 def test_chat_endpoint_checks_the_token_ids_it_reads_and_relays_the_ones_it_does_not():

@@ -192,6 +192,20 @@ async def test_context_overflow_is_an_incomplete_reply_or_propagated(fake_upstre
     # ... or in the JSON text of NeMo Gym's metadata overrides (it was sent on to vLLM: a 500)
     ("POST", "/v1/responses", b'{"input": "q", "metadata": {"extra_body": "{\\"stop\\": \\"\\\\ud800\\"}"}}', 400),
     ("POST", "/v1/responses", b'{"input": "q", "metadata": {"chat_template_kwargs": "{\\"x\\": \\"\\\\udbff\\"}"}}', 400),
+    # values of a wrong type where an object, a list or a string is read (each was a 500)
+    ("POST", "/v1/responses", b'{"input": "q", "tools": [{"type": "function", "name": "f"}], '
+                              b'"tool_choice": {"type": "function", "function": "f"}}', 400),
+    ("POST", "/v1/responses", b'{"input": "q", "tools": [{"type": "function", "name": "f"}], '
+                              b'"tool_choice": {"type": "function", "name": ["f"]}}', 400),
+    ("POST", "/v1/responses", b'{"input": "q", "tools": [{"type": "function", "function": {"name": ["f"]}}]}', 400),
+    ("POST", "/v1/responses", b'{"input": [{"role": "assistant", "content": "a", "tool_calls": true}]}', 400),
+    ("POST", "/v1/responses", b'{"input": "q", "metadata": {"extra_body": "{\\"chat_template_kwargs\\": [1]}"}}', 400),
+    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "assistant", "content": "<think>r</think>a", '
+                                     b'"reasoning_content": 5}, {"role": "user", "content": "q"}]}', 400),
+    # a stream asked for through extra_body: the proxy would wait for one JSON reply (a 502, vLLM left generating)
+    ("POST", "/v1/responses", b'{"input": "q", "metadata": {"extra_body": "{\\"stream\\": true}"}}', 400),
+    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "q"}], '
+                                     b'"metadata": {"extra_body": "{\\"stream_options\\": {}}"}}', 400),
     ("POST", "/v1/responses", b'{"input": "' + b"x" * (2 * 1024 * 1024) + b'"}', 413),
     ("GET", "/v1/responses", None, 405),
     ("DELETE", "/health", None, 405),

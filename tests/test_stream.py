@@ -223,10 +223,38 @@ def test_token_ids_accumulate_onto_the_last_item():
 def test_malformed_chunks_raise_api_errors():
     for bad in ([1], {"choices": "x"}, {"choices": [{"delta": "x"}]}, {"choices": [{"delta": {"content": 5}}]},
                 {"choices": [{"delta": {"tool_calls": [5]}}]}, {"choices": [{"delta": {"tool_calls": [{"function": {"arguments": 3}}]}}]},
-                {"choices": [{"delta": {}, "finish_reason": ["stop"]}]}):  # the last was a TypeError, a 500
+                {"choices": [{"delta": {}, "finish_reason": ["stop"]}]},  # a TypeError, a 500
+                {"choices": [{"delta": {"tool_calls": True}}]},  # a TypeError mid-stream
+                {"choices": [{"delta": {"tool_calls": [{"index": 0, "function": {"name": 5}}]}}]}):  # a function_call named 5
         with pytest.raises(ApiError) as info:
             gym_vllm.ResponsesStream({"input": "q"}, BASE).feed(bad)
         assert info.value.status == 502
+
+
+def test_malformed_chat_chunks_that_need_a_rewrite_raise_api_errors():
+    """Chunks the chat relay rewrites (they mention reasoning) of a wrong shape: each was an AttributeError or a
+    TypeError mid-stream, a broken HTTP stream."""
+    for bad in [["reasoning"], {"choices": 5, "reasoning": 1}, {"choices": [{"delta": {"reasoning": ["x"]}}]},
+                {"choices": [{"delta": {"reasoning": "x", "content": 5}}]}, {"choices": [{"index": [0], "delta": {"reasoning": "x"}}]}]:
+        with pytest.raises(ApiError) as info:
+            gym_vllm.ChatStreamRelay(BASE).rewrite(bad)
+        assert info.value.status == 502, bad
+    relay = gym_vllm.ChatStreamRelay(BASE)  # content that is not a string after reasoning, in a later chunk
+    relay.rewrite(chunk({"reasoning": "x"}))
+    with pytest.raises(ApiError):
+        relay.rewrite(chunk({"content": 5}))
+
+
+def test_chat_relay_keeps_each_choice_s_think_block_apart():
+    """n > 1 streams interleave their choices: one flag for all of them closed choice 0's block with choice 1's text
+    and left choice 1's reasoning untagged."""
+    relay = gym_vllm.ChatStreamRelay(BASE)
+    texts = {0: "", 1: ""}
+    for index, delta in [(0, {"reasoning": "r0"}), (1, {"reasoning": "r1"}), (0, {"content": "c0"}), (1, {"reasoning": "s1"}),
+                         (1, {"content": "c1"})]:
+        rewritten = relay.rewrite({"choices": [{"index": index, "delta": delta, "finish_reason": None}]})
+        texts[index] += rewritten["choices"][0]["delta"].get("content") or ""
+    assert texts == {0: "<think>r0</think>c0", 1: "<think>r1s1</think>c1"} and not relay.needs(b"{}")
 
 
 # --- equivalence with the non-streaming path, on many random chunkings ------------------------

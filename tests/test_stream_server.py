@@ -8,6 +8,8 @@ import time
 import aiohttp
 import pytest
 
+import gym_vllm
+
 from conftest import assert_openai_error, server_config, strict_client
 from test_stream import check_lifecycle, normalized
 from test_vllm import FORCED_CALL, WEATHER_TOOL
@@ -114,6 +116,29 @@ async def test_a_chunk_that_cannot_be_written_as_json_fails_the_stream_not_the_s
                 assert lines[0] == sse_of(delta).split(b"\n")[0] + b"\n"
             else:
                 assert "lone UTF-16 surrogate escape" in json.loads(lines[-2][6:])["error"]["message"]
+
+
+async def test_a_bug_mid_stream_ends_the_stream_in_its_own_way(fake_upstreams, proxy, monkeypatch, caplog):
+    """An exception no check foresaw, raised after the headers went out, used to reach the middleware, which wrote a 500
+    into the open stream (a broken chunked body). The stream now ends as a failed one: `error` and `response.failed`,
+    or an error chunk and [DONE]; the cause is logged on one line."""
+    [(_, url)] = await fake_upstreams(1)
+    base = await proxy(server_config(url))
+
+    def broken(self, chunk):
+        raise KeyError("a bug")
+
+    monkeypatch.setattr(gym_vllm.ResponsesStream, "feed", broken)
+    monkeypatch.setattr(gym_vllm.ChatStreamRelay, "needs", lambda self, raw: True)
+    monkeypatch.setattr(gym_vllm.ChatStreamRelay, "rewrite", broken)
+    events = await post_stream(base, {"input": "hi"})
+    assert [e["type"] for e in events][-2:] == ["error", "response.failed"]
+    assert events[-2]["message"] == "internal error in gym_vllm: KeyError" and check_lifecycle(events)["status"] == "failed"
+    async with aiohttp.ClientSession() as http:
+        async with http.post(base + "/chat/completions", json={"messages": [{"role": "user", "content": "hi"}], "stream": True}) as answer:
+            lines = [line async for line in answer.content if line.strip()]
+    assert lines[-1] == b"data: [DONE]\n" and json.loads(lines[-2][6:])["error"]["message"] == "internal error in gym_vllm: KeyError"
+    assert sum("internal error mid-stream: KeyError('a bug')" in r.getMessage() for r in caplog.records) == 2
 
 
 async def test_errors_before_the_stream_starts_are_plain_json(fake_upstreams, proxy):
