@@ -48,6 +48,7 @@ import itertools
 import importlib.metadata
 import json
 import logging
+import math
 import operator
 import os
 import random
@@ -226,6 +227,24 @@ class LoneSurrogate(ValueError):
     """Valid JSON that holds a str no UTF-8 text can carry (LONE_SURROGATE)."""
 
 
+# JSON has no NaN or infinities, and a reply must never hold one (json would write NaN, Infinity: not JSON). json.loads
+# reads the literals NaN, Infinity, -Infinity and reads a float too large for a double (1e400) as an infinity; msgspec
+# refuses all of them, and so does json here. A float literal with a 3-digit exponent or 309 digits in a row may be
+# such a float (or a string's text, or a small number): only then is the text read again, each float checked.
+_FLOAT_TOO_LARGE = re.compile(r"[eE][-+]?[0-9]{3}|[0-9]{309}")
+
+
+def _refuse_constant(literal: str) -> Any:
+    raise ValueError(f"{literal} is not a JSON number")
+
+
+def _finite_float(literal: str) -> float:
+    value = float(literal)
+    if value in (math.inf, -math.inf):
+        raise ValueError(f"{literal[:24]}{'…' if len(literal) > 24 else ''} is too large for a float")
+    return value
+
+
 def _json_decoder() -> Callable[..., Any]:
     """`decode(raw, schema=None, sendable=False)`: msgspec's decoder when there is msgspec, else json.loads. Values are
     identical either way: msgspec is stricter (NaN, 1e400, a BOM, lone surrogates), and what it refuses json decides.
@@ -249,7 +268,10 @@ def _json_decoder() -> Callable[..., Any]:
                         return loads(raw, sendable=sendable)
             # Decoded strictly here: json.loads would decode bytes with `surrogatepass`, making a lone surrogate of
             # UTF-8 that encodes one (ED A0 80), which is invalid UTF-8 and which msgspec refuses as such.
-            value = json.loads(raw.decode(json.detect_encoding(raw)) if raw.__class__ is bytes else raw)
+            text = raw.decode(json.detect_encoding(raw)) if raw.__class__ is bytes else raw
+            value = json.loads(text, parse_constant=_refuse_constant)
+            if _FLOAT_TOO_LARGE.search(text) is not None:  # perhaps a float json reads as an infinity: read exactly
+                json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
         except RecursionError:
             raise ValueError("JSON nested too deeply") from None
         if sendable and _holds_lone_surrogate(raw, value):
@@ -2518,17 +2540,17 @@ async def _read_upstream(context: RequestContext, response: aiohttp.ClientRespon
         raise upstream_error(f"vLLM at {url} broke off its answer: {exc.__class__.__name__}: {exc}", code="upstream_unreachable") from None
     finally:
         response.release()
+    body, why = None, ""
     try:  # sendable: what is decoded here is sent on, as the Response or the error's message
         body = _loads(raw, schema if response.status == 200 else None, sendable=True) if raw else None
     except LoneSurrogate:
         if response.status == 200:
             raise upstream_error(f"vLLM at {url} answered 200 with JSON that {LONE_SURROGATE_IN_REPLY}") from None
-        body = None  # an error's text excerpt below keeps the escape as it was written
-    except (ValueError, UnicodeDecodeError):
-        body = None
+    except (ValueError, UnicodeDecodeError) as exc:  # an error's text excerpt below keeps what was written
+        why = f" ({exc})"
     if response.status == 200:
         if not isinstance(body, dict):
-            raise upstream_error(f"vLLM at {url} answered 200 with a body that is not a JSON object")
+            raise upstream_error(f"vLLM at {url} answered 200 with a body that is not a JSON object{why}")
         return 200, body
     return response.status, body if body is not None else raw[:500].decode("utf-8", "replace")
 
@@ -3279,6 +3301,10 @@ def parse_input_line(line: str | bytes, model: str | None = None) -> tuple[dict,
         request["model"] = model
     # The record says what was sent; a bare request becomes NeMo Gym's shape, so every output line has one shape.
     record = {**row, "responses_create_params": request} if nested else {"responses_create_params": request}
+    try:  # msgspec decodes deeper than json writes: such a line would crash the run where it is sent or written
+        _dumps(record)
+    except RecursionError:
+        raise ValueError("nested too deeply to be sent") from None
     return request, record
 
 

@@ -91,7 +91,9 @@ def test_input_line_shapes():
                          ('{"responses_create_params": {}}', "`responses_create_params` has no `input`"),
                          ('{"responses_create_params": "q"}', "is a string, not an object"),
                          ('{"input": 3}', "`input` is a number"), ('{"input": "\\ud800"}', "lone UTF-16 surrogate"),
-                         (b'{"input": "q", "metadata": {"a": "\\uDC00"}}', "lone UTF-16 surrogate")]:
+                         (b'{"input": "q", "metadata": {"a": "\\uDC00"}}', "lone UTF-16 surrogate"),
+                         ('{"input": "q", "temperature": NaN}', "not valid JSON (NaN is not a JSON number)"),  # was written
+                         ('{"input": "q", "x": ' + "[" * 990 + "]" * 990 + "}", "nested too deeply")]:  # was a crash
         with pytest.raises(ValueError, match=re.escape(reason)):
             gym_vllm.parse_input_line(line)
 
@@ -119,6 +121,8 @@ def test_replies_and_progress_line():
     assert gym_vllm.response_from_reply(200, b'{"output": [{"text": "\\ud800"}]}') == (  # was written out: a crash
         None, "HTTP 200: the reply holds a lone UTF-16 surrogate escape (like \\ud800) in a string, which no UTF-8 text can carry")
     assert gym_vllm.response_from_reply(200, b'{"output": [{"text": "\\ud83d\\ude00"}]}')[0] == {"output": [{"text": "\U0001F600"}]}
+    assert gym_vllm.response_from_reply(200, b'{"output": [], "x": -Infinity}') == (  # was written out as -Infinity
+        None, 'HTTP 200 but not a Responses object: {"output": [], "x": -Infinity}')
     assert gym_vllm.format_progress(30, 100, 2, 20, 10.0) == "30/100 done (30%), 2 failed, 2.0 rollouts/s, ETA 34s"
     assert gym_vllm.format_progress(0, 100, 0, 0, 3.0).endswith("0.0 rollouts/s, ETA ?")
 

@@ -100,9 +100,11 @@ def reply_with(message: str = '{"content":"ok"}', created: str = "1") -> bytes:
     (reply_with('{"content":null,"tool_calls":[{"id":"c","function":{"name":"\\udfff","arguments":"{}"}}]}'),
      "lone UTF-16 surrogate escape"),
     (reply_with(created="1" + "0" * 309), "`created` should be a finite number or null"),  # no float holds it
-    (reply_with(created="1e400"), "`created` should be a finite number or null"),  # json reads an infinity
-    (reply_with(created="NaN"), "`created` should be a finite number or null"),  # as Python's json writes a NaN
-], ids=["surrogate-in-content", "surrogate-in-tool-name", "created-too-big-for-a-float", "created-infinite", "created-nan"])
+    (reply_with(created="1e400"), "not a JSON object (1e400 is too large for a float)"),  # json reads an infinity
+    (reply_with(created="NaN"), "not a JSON object (NaN is not a JSON number)"),  # as Python's json writes a NaN
+    (reply_with('{"content":"x","usage_note":-Infinity}'), "(-Infinity is not a JSON number)"),  # relayed as it was
+], ids=["surrogate-in-content", "surrogate-in-tool-name", "created-too-big-for-a-float", "created-infinite", "created-nan",
+        "infinity-in-a-field-no-one-reads"])
 async def test_a_reply_that_cannot_be_written_as_json_is_a_502_on_both_endpoints(fake_upstreams, proxy, reply, fragment):
     """Valid JSON from vLLM that no reply can carry (a str UTF-8 cannot encode, a created_at no float holds, or one that
     json would write as Infinity or NaN) is a 502 naming the field, not a 500 or an invalid reply."""
@@ -192,6 +194,10 @@ async def test_context_overflow_is_an_incomplete_reply_or_propagated(fake_upstre
     # ... or in the JSON text of NeMo Gym's metadata overrides (it was sent on to vLLM: a 500)
     ("POST", "/v1/responses", b'{"input": "q", "metadata": {"extra_body": "{\\"stop\\": \\"\\\\ud800\\"}"}}', 400),
     ("POST", "/v1/responses", b'{"input": "q", "metadata": {"chat_template_kwargs": "{\\"x\\": \\"\\\\udbff\\"}"}}', 400),
+    # NaN and infinities are not JSON: they were sent on to vLLM and echoed as NaN in the Response (not JSON either)
+    ("POST", "/v1/responses", b'{"input": "q", "temperature": NaN}', 400),
+    ("POST", "/v1/responses", b'{"input": "q", "top_p": 1e999}', 400),
+    ("POST", "/v1/chat/completions", b'{"messages": [{"role": "user", "content": "q"}], "metadata": {"a": -Infinity}}', 400),
     # values of a wrong type where an object, a list or a string is read (each was a 500)
     ("POST", "/v1/responses", b'{"input": "q", "tools": [{"type": "function", "name": "f"}], '
                               b'"tool_choice": {"type": "function", "function": "f"}}', 400),
