@@ -888,7 +888,8 @@ _UNSUPPORTED_FIELDS = {
 }
 # Echoed on the Response object, never sent to vLLM.
 _ECHO_ONLY_FIELDS = {"model", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier", "truncation", "include"}
-_SUPPORTED_INCLUDES = {"message.output_text.logprobs"}
+_OUTPUT_LOGPROBS = "message.output_text.logprobs"  # wants_output_logprobs
+_SUPPORTED_INCLUDES = {_OUTPUT_LOGPROBS}
 # Request fields the converter handles itself; every other one is forwarded to vLLM by name.
 _HANDLED_FIELDS = frozenset({"input", "instructions", "tools", "tool_choice", "parallel_tool_calls", "max_output_tokens", "text",
                              "reasoning", "top_logprobs", "stream", "stream_options", "n", *_ECHO_ONLY_FIELDS, *_UNSUPPORTED_FIELDS})
@@ -1163,6 +1164,12 @@ def _check_unsupported(request: dict) -> None:
         raise bad_request("`n` must be 1: a Response holds one completion", "n")
 
 
+def wants_output_logprobs(request: dict) -> bool:
+    """Whether a Response's output text carries log probs: asked by `include` (OpenAI's way) or by `top_logprobs`,
+    0 included (the number of alternatives per token)."""
+    return request.get("top_logprobs") is not None or _OUTPUT_LOGPROBS in (request.get("include") or ())
+
+
 def responses_request_to_chat(request: dict, config: ServerConfig) -> dict:
     """Converts a `/v1/responses` request into the Chat Completions body sent to vLLM.
 
@@ -1214,8 +1221,9 @@ def responses_request_to_chat(request: dict, config: ServerConfig) -> dict:
         top = _check_type(request["top_logprobs"], (int,), "top_logprobs", "an integer from 0 to 20")
         if not 0 <= top <= 20:
             raise bad_request("`top_logprobs` must be between 0 and 20", "top_logprobs")
+    if wants_output_logprobs(request):
         chat["logprobs"] = True
-        chat["top_logprobs"] = top
+        chat["top_logprobs"] = request.get("top_logprobs") or 0
     if request.get("text") is not None:
         response_format = _text_format_to_chat(request["text"])
         if response_format:
@@ -1627,7 +1635,7 @@ def _message_item(text: str, refusal: str | None, status: str, logprobs: list | 
 
 
 def _output_logprobs(choice: dict) -> list:
-    # Only for a client that asked for `top_logprobs`: its reply is decoded in full (dict entries, with `bytes`).
+    # Only for a client that asked for log probs (wants_output_logprobs): its reply is decoded in full (dict entries).
     entries = (choice.get("logprobs") or {}).get("content") or []
     if not _only(entries, (dict,)) or not all(
             isinstance(e.get("top_logprobs") or [], list) and _only(e.get("top_logprobs") or [], (dict,)) for e in entries):
@@ -1641,7 +1649,7 @@ def _output_logprobs(choice: dict) -> list:
 
 
 # What `chat_response_to_responses` (and the token-ID fallback before it) reads of vLLM's chat completion when the
-# client asked for no `top_logprobs`. Decoding only this (`_loads(raw, CompletionForResponse)`) skips each log-prob
+# client asked for no log probs (wants_output_logprobs). Decoding only this (`_loads(raw, CompletionForResponse)`) skips each log-prob
 # entry's `bytes` and `top_logprobs` (8% of a token-ID request's instructions), builds each entry as a _LogprobRead (a
 # msgspec Struct: decoding and reading 64 entries 17 -> 14 us against dicts, in _logprob_fields), and keeps the token
 # ids as their text (`_token_ids`: a third of the instructions of a request with a 2,000-token prompt). A reply of
@@ -1685,7 +1693,7 @@ def chat_response_to_responses(chat: dict, request: dict, config: ServerConfig) 
         })
     tool_calls = message.get("tool_calls") or []
     if text or message.get("refusal") or (not blocks and not tool_calls):
-        logprobs = _output_logprobs(choice) if request.get("top_logprobs") else None
+        logprobs = _output_logprobs(choice) if wants_output_logprobs(request) else None
         output.append(_message_item(text, message.get("refusal"), "incomplete" if incomplete_reason else "completed", logprobs))
     for call in tool_calls:
         function = call.get("function") or {}
@@ -1773,7 +1781,7 @@ def response_json(response: dict) -> bytes:
     msgspec writes it as built except where a float can be. The envelope's own fields are built here of strings,
     integers and booleans; every other value (created_at, the echoed request parameters) as `_exact` makes it. In the
     items, built here of checked strings and integers, generation_log_probs goes through `_number_list_json`, and a
-    message that carries output-text log probs (`top_logprobs`) through json."""
+    message that carries output-text log probs (wants_output_logprobs) through json."""
     if _msgspec_encode is None:
         return _dumps(response).encode()
     exact = dict(response)
@@ -1839,7 +1847,7 @@ class ResponsesStream:
         self.token_ids: list[int] = []
         self.logprobs: list[dict] = []
         self.saw_token_ids = False
-        self.collects_tokens = bool(config.return_token_id_information or request.get("top_logprobs"))
+        self.collects_tokens = config.return_token_id_information or wants_output_logprobs(request)
 
     # --- events -------------------------------------------------------------------------------
 
@@ -2044,7 +2052,7 @@ class ResponsesStream:
             return
         where = {"item_id": item["id"], "output_index": len(self.output) - 1}
         if item["type"] == "message":
-            logprobs = _output_logprobs({"logprobs": {"content": self.logprobs}}) if self.request.get("top_logprobs") else []
+            logprobs = _output_logprobs({"logprobs": {"content": self.logprobs}}) if wants_output_logprobs(self.request) else []
             part = {"type": "output_text", "text": "".join(self.message_text), "annotations": [], "logprobs": logprobs}
             self._event(events, "response.output_text.done", **where, content_index=0, text=part["text"], logprobs=logprobs)
             self._event(events, "response.content_part.done", **where, content_index=0, part=part)
@@ -2698,7 +2706,7 @@ async def handle_responses(request: web.Request) -> web.StreamResponse:
     body = await _read_json_object(request)
     chat_body = responses_request_to_chat(body, config)
     session_id, new_session = _session_of(request, config)
-    chat = await _chat_upstream(context, session_id, chat_body, None if body.get("top_logprobs") else CompletionForResponse)
+    chat = await _chat_upstream(context, session_id, chat_body, None if wants_output_logprobs(body) else CompletionForResponse)
     if body.get("stream"):
         return await _relay_stream(context, chat, new_session, _ResponsesSSE(ResponsesStream(body, config)))
     response = context_overflow_response(body, config) if chat is None else chat_response_to_responses(chat, body, config)

@@ -384,6 +384,14 @@ def test_output_text_logprobs_when_asked():
     part = gym_vllm.chat_response_to_responses(chat, {"input": "q", "top_logprobs": 1}, BASE)["output"][0]["content"][0]
     assert [(lp["token"], lp["logprob"]) for lp in part["logprobs"]] == [("a", -0.1), ("b", -0.2)]
     assert part["logprobs"][0]["top_logprobs"] == [{"token": "a", "bytes": [97], "logprob": -0.1}]
+    # OpenAI's way of asking, `include`, and `top_logprobs: 0` (no alternatives): the log probs were asked of vLLM
+    # (top_logprobs 0) or not at all, and the output's were empty either way
+    for request in ({"input": "q", "include": ["message.output_text.logprobs"]}, {"input": "q", "top_logprobs": 0}):
+        chat_body = convert(request)
+        assert (chat_body["logprobs"], chat_body["top_logprobs"]) == (True, 0)
+        part = gym_vllm.chat_response_to_responses(chat, request, BASE)["output"][0]["content"][0]
+        assert [(lp["token"], lp["logprob"]) for lp in part["logprobs"]] == [("a", -0.1), ("b", -0.2)]
+    assert "logprobs" not in convert({"input": "q"})
 
 
 # --- token IDs on responses -------------------------------------------------------------------

@@ -247,7 +247,7 @@ def test_replies_decoded_as_a_response_reads_them_give_the_same_bytes(conversion
         except ValueError:  # not JSON (NaN, an infinity): the handler's 502
             return "not JSON"
 
-    schema = None if request.get("top_logprobs") else gym_vllm.CompletionForResponse  # as handle_responses asks
+    schema = None if gym_vllm.wants_output_logprobs(request) else gym_vllm.CompletionForResponse  # as handle_responses asks
     assert written(lambda raw: gym_vllm._loads(raw, schema)) == written(json_loads)
 
 

@@ -127,6 +127,24 @@ async def test_token_ids_equal_vllms_own(vllm_engine, proxy):
     assert len(prompt) > len(tokens["prompt_token_ids"]) + 4
 
 
+async def test_output_text_log_probs_asked_by_include_are_vllms(vllm_engine, proxy):
+    """`include: ["message.output_text.logprobs"]` (OpenAI's way; it was accepted and did nothing) gives each output
+    token's log prob, vLLM's own, streamed or not."""
+    client = strict_client(await proxy(server_config(vllm_engine)))
+    request = dict(model="tiny", input="Count to three", max_output_tokens=6, temperature=0, include=["message.output_text.logprobs"],
+                   extra_body={"seed": 7})
+    response = await client.responses.create(**request)
+    part = response.output[-1].content[0]
+    direct = await openai.AsyncOpenAI(base_url=vllm_engine, api_key=VLLM_API_KEY, max_retries=0).chat.completions.create(
+        model="tiny", messages=[{"role": "user", "content": "Count to three"}], max_tokens=6, temperature=0, seed=7,
+        logprobs=True, top_logprobs=0)
+    assert [lp.logprob for lp in part.logprobs] == pytest.approx([e.logprob for e in direct.choices[0].logprobs.content], abs=1e-6)
+    assert len(part.logprobs) == response.usage.output_tokens and all(lp.top_logprobs == [] for lp in part.logprobs)
+    events = [event async for event in await client.responses.create(**request, stream=True)]
+    streamed = events[-1].response.output[-1].content[0]  # response.incomplete: max_output_tokens was reached
+    assert [lp.token for lp in streamed.logprobs] == [lp.token for lp in part.logprobs]
+
+
 async def test_real_context_overflow(vllm_engine, proxy):
     client = strict_client(await proxy(server_config(vllm_engine)))
     for kwargs in ({"input": "hello " * 3000, "max_output_tokens": 8}, {"input": "hi", "max_output_tokens": 5000}):
