@@ -1520,6 +1520,11 @@ class PromptIdsMissing(ApiError):
     server asks vLLM's /tokenize for them (`_chat_upstream`)."""
 
 
+# vLLM's `return_tokens_as_token_ids` spelling: ASCII digits only (int() would also read " 5", "1_0" and other scripts'
+# digits, so a token that is text, not an id, could pass for one).
+_TOKEN_ID_SPELLING = re.compile(r"token_id:[0-9]+")
+
+
 def extract_token_info(chat: dict, choice: dict | None = None) -> dict:
     """The training bundle of a chat completion: prompt ids, generated ids and their log probs.
 
@@ -1546,11 +1551,8 @@ def extract_token_info(chat: dict, choice: dict | None = None) -> dict:
             if generated.__class__ is _JsonText:  # the rare paths below compare ints
                 generated = _token_ids(_ints_of_text(bytes(generated)), "choices[0].token_ids")
             from_logprobs = None
-            if _only(tokens, _STRS) and all(map(str.startswith, tokens, itertools.repeat("token_id:"))):
-                try:
-                    from_logprobs = [int(t[9:]) for t in tokens]  # 9 == len("token_id:")
-                except ValueError:
-                    from_logprobs = None
+            if _only(tokens, _STRS) and all(map(_TOKEN_ID_SPELLING.fullmatch, tokens)):
+                from_logprobs = [int(t[9:]) for t in tokens]  # 9 == len("token_id:")
             if generated is None:
                 generated = from_logprobs
             elif from_logprobs is not None and generated != from_logprobs:
@@ -1916,9 +1918,12 @@ class ResponsesStream:
         return events
 
     def _collect_tokens(self, choice: dict) -> None:
-        if isinstance(choice.get("token_ids"), list):
+        token_ids = choice.get("token_ids")
+        if token_ids is not None:  # checked with the others by extract_token_info at the end; not a list: now
+            if type(token_ids) is not list:
+                raise _malformed("choices[0].token_ids", "a list of integers or null")
             self.saw_token_ids = True
-            self.token_ids.extend(choice["token_ids"])
+            self.token_ids.extend(token_ids)
         content = (choice.get("logprobs") or {}).get("content") if isinstance(choice.get("logprobs"), dict) else None
         if isinstance(content, list):
             self.logprobs.extend(content)

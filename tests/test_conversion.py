@@ -473,6 +473,19 @@ def vllm_reply(**changes):
     return chat
 
 
+@pytest.mark.parametrize("token", ["token_id: 5", "token_id:1_0", "token_id:\u0663", "token_id:+5", "token_id:5 "])
+def test_only_token_ids_as_vllm_spells_them_stand_for_ids(token):
+    """Without vLLM's token_ids, ids come from `token_id:<n>` log-prob tokens, ASCII digits only: int() also read
+    " 5", "1_0" and "٣" (Arabic-Indic 3), so a text token could pass for an id."""
+    chat = with_tokens(completion("x"), ids=(5,), log_probs=(-0.5,), token_ids=False)
+    chat["choices"][0]["logprobs"]["content"][0]["token"] = token
+    with pytest.raises(ApiError) as info:
+        gym_vllm.chat_response_to_responses(chat, {"input": "q"}, TRAIN)
+    assert info.value.code == "token_ids_missing"
+    chat["choices"][0]["logprobs"]["content"][0]["token"] = "token_id:5"
+    assert gym_vllm.chat_response_to_responses(chat, {"input": "q"}, TRAIN)["output"][-1]["generation_token_ids"] == [5]
+
+
 @pytest.mark.parametrize("config", [BASE, TRAIN], ids=["plain", "token-ids"])
 @pytest.mark.parametrize("changes", [
     {}, {"choices": None}, {"choices": [5]}, {"choices": []}, {"choices.0.logprobs": "x"}, {"choices.0.logprobs.content": [5]},

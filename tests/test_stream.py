@@ -229,6 +229,9 @@ def test_malformed_chunks_raise_api_errors():
         with pytest.raises(ApiError) as info:
             gym_vllm.ResponsesStream({"input": "q"}, BASE).feed(bad)
         assert info.value.status == 502
+    with pytest.raises(ApiError) as info:  # ids that are not a list were skipped (a 502 without streaming)
+        gym_vllm.ResponsesStream({"input": "q"}, TRAIN).feed({"choices": [{"delta": {"content": "x"}, "token_ids": "[5]"}]})
+    assert "`choices[0].token_ids` should be a list of integers or null" in info.value.message
 
 
 def test_malformed_chat_chunks_that_need_a_rewrite_raise_api_errors():
