@@ -2925,8 +2925,8 @@ async def _relay_stream(context: RequestContext, upstream: aiohttp.ClientRespons
     events, path = context.metrics.stream_events, request.path
     response: web.StreamResponse | None = None
     try:
+        tail = framing.start()  # before the headers: what fails here (a request too deep to echo) is a plain error
         response = await _open_sse(context, new_session)
-        tail = framing.start()
         if upstream is None:
             tail += framing.overflow()
         else:
@@ -3078,6 +3078,11 @@ async def _answer(context: RequestContext, handler) -> web.StreamResponse:
         response = _json_response(ApiError(exc.status, message).body(), exc.status)
     except (asyncio.CancelledError, ConnectionResetError):
         raise
+    except RecursionError as exc:  # msgspec reads JSON a little deeper than json writes it: the echo of such a request
+        exc.__traceback__ = None
+        log.warning("server %s: request %s: nested too deeply to process", config.name, context.request_id)
+        response = _json_response(ApiError(400, "request JSON is nested too deeply to process (keep it under 900 levels)",
+                                           code="nested_too_deeply").body(), 400)
     except Exception as exc:  # a bug of ours: answer cleanly, log one line with the cause
         log.error("server %s: request %s: internal error on %s %s: %r", config.name, context.request_id, request.method,
                   request.path, exc, exc_info=log.isEnabledFor(logging.DEBUG))

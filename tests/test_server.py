@@ -4,6 +4,8 @@ The fake is only for what a real engine cannot produce on demand: dropped connec
 hangs, reasoning fields with the parser off. The real path is in test_vllm.py.
 """
 
+import json
+
 import aiohttp
 import openai
 import pytest
@@ -228,6 +230,34 @@ async def test_bad_input_gets_openai_errors_and_the_server_keeps_serving(fake_up
             assert_openai_error(status, await answer.json())
         async with http.post(base + "/v1/responses", json={"input": "fine"}) as answer:
             assert answer.status == 200
+
+
+@pytest.mark.parametrize("field", ["metadata", "x_forwarded_to_vllm"])
+async def test_json_nested_near_the_recursion_limit_is_answered_or_refused_never_a_500(fake_upstreams, proxy, field):
+    """Around Python's recursion limit msgspec decodes a few levels deeper than json encodes: a request that deep
+    decoded, then failed where it was echoed or sent on, a 500 (in a stream, written into the open stream: a broken
+    body). Every depth is now a 200 or a 400 saying so, streamed or not, on both codecs."""
+    [(_, url)] = await fake_upstreams(1)
+    base = await proxy(server_config(url))
+    statuses = set()
+    async with aiohttp.ClientSession() as http:
+        for depth in range(900, 1001, 4):
+            for stream in (b"false", b"true"):
+                nested = b"[" * depth + b"]" * depth
+                body = b'{"input": "q", "stream": %s, "%s": {"k": %s}}' % (stream, field.encode(), nested)
+                async with http.post(base + "/responses", data=body, headers={"Content-Type": "application/json"}) as answer:
+                    raw = await answer.read()  # a broken chunked body raises here
+                statuses.add(answer.status)
+                if answer.status == 400:
+                    assert "nested too deeply" in assert_openai_error(400, json.loads(raw))["message"]
+                else:
+                    assert answer.status == 200, (depth, stream, raw[:200])
+                    if stream == b"true":
+                        last = raw.rstrip().rsplit(b"\n", 1)[-1]
+                        assert json.loads(last.removeprefix(b"data: "))["response"]["status"] == "completed"
+                    else:
+                        assert json.loads(raw)["status"] == "completed"
+    assert statuses == {200, 400}  # the sweep crossed the limit
 
 
 async def test_head_is_answered_on_the_get_routes(fake_upstreams, proxy):
