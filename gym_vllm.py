@@ -1396,6 +1396,13 @@ def _is_timestamp(value: Any) -> bool:
 _FLOAT_MAX = sys.float_info.max
 
 
+def _check_message_texts(message: dict, where: str) -> None:
+    """A reply message's text fields are strings or null (`where`: the message's place, for the 502)."""
+    for key in ("content", "refusal", "reasoning", "reasoning_content"):
+        if message.get(key) is not None and not isinstance(message[key], str):
+            raise _malformed(f"{where}.{key}", "a string or null")
+
+
 def _first_choice(chat: Any) -> dict:
     """choices[0] of a vLLM chat completion, after checking every field the converters read."""
     choices = chat.get("choices") if isinstance(chat, dict) else None
@@ -1405,9 +1412,7 @@ def _first_choice(chat: Any) -> dict:
     message = choice.get("message")
     if not isinstance(message, dict):
         raise _malformed("choices[0].message", "an object")
-    for key in ("content", "refusal", "reasoning", "reasoning_content"):
-        if message.get(key) is not None and not isinstance(message[key], str):
-            raise _malformed(f"choices[0].message.{key}", "a string or null")
+    _check_message_texts(message, "choices[0].message")
     if choice.get("finish_reason") is not None and not isinstance(choice["finish_reason"], str):
         raise _malformed("choices[0].finish_reason", "a string or null")
     calls = message.get("tool_calls")
@@ -1744,9 +1749,7 @@ def _other_choice_for_client(choice: Any, index: int, config: ServerConfig) -> A
     message = choice.get("message") if isinstance(choice, dict) else None
     if not isinstance(message, dict) or not (message.keys() & {"reasoning", "reasoning_content"}):
         return choice
-    for key in ("content", "reasoning", "reasoning_content"):
-        if message.get(key) is not None and not isinstance(message[key], str):
-            raise _malformed(f"choices[{index}].message.{key}", "a string or null")
+    _check_message_texts(message, f"choices[{index}].message")
     return {**choice, "message": _with_think_text(message, config)}
 
 

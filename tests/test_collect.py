@@ -227,6 +227,20 @@ async def test_failed_requests_are_not_written_and_a_rerun_retries_them(stub, tm
     assert keys(read_rollouts(out)) == [(i, 0) for i in range(4)]
 
 
+async def another_server(aiohttp_server, responses) -> str:
+    """Another server's /v1 (its `/models` answers the start-up check, `responses` every rollout), for what
+    gym_vllm itself never answers."""
+    from aiohttp import web
+
+    async def models(request: web.Request) -> web.Response:
+        return web.json_response({"data": []})
+
+    app = web.Application()
+    app.router.add_get("/v1/models", models)
+    app.router.add_post("/v1/responses", responses)
+    return f"http://127.0.0.1:{(await aiohttp_server(app)).port}/v1"
+
+
 async def test_a_server_that_hangs_up_stops_the_run(aiohttp_server, tmp_path):
     from aiohttp import web
 
@@ -238,15 +252,9 @@ async def test_a_server_that_hangs_up_stops_the_run(aiohttp_server, tmp_path):
         await asyncio.sleep(1)
         return web.Response()
 
-    async def models(request: web.Request) -> web.Response:
-        return web.json_response({"data": []})
-
-    app = web.Application()
-    app.router.add_get("/v1/models", models)
-    app.router.add_post("/v1/responses", hang_up)
-    server = await aiohttp_server(app)
+    url = await another_server(aiohttp_server, hang_up)
     source = write_jsonl(tmp_path / "in.jsonl", [{"input": f"q{i}"} for i in range(30)])
-    code, stderr = await run_collect("--url", f"http://127.0.0.1:{server.port}/v1", "--input", source,
+    code, stderr = await run_collect("--url", url, "--input", source,
                                      "--output", tmp_path / "out.jsonl", "--concurrency", 1)
     assert code == 1 and f"{source} line 1: connection failed" in stderr, stderr
     assert len(posts) == 8 and "stopped early: 8 requests in a row could not reach" in stderr
@@ -263,15 +271,9 @@ async def test_a_reply_no_file_can_hold_is_a_failed_line_and_the_run_goes_on(aio
         return web.Response(body=b'{"output": [{"type": "message", "text": "%s"}], "status": "completed"}' % text.encode(),
                             content_type="application/json")
 
-    async def models(request: web.Request) -> web.Response:
-        return web.json_response({"data": []})
-
-    app = web.Application()
-    app.router.add_get("/v1/models", models)
-    app.router.add_post("/v1/responses", responses)
-    server = await aiohttp_server(app)
+    url = await another_server(aiohttp_server, responses)
     source = write_jsonl(tmp_path / "in.jsonl", [{"input": "ok"}, {"input": "bad"}, {"input": "ok"}])
-    code, stderr = await run_collect("--url", f"http://127.0.0.1:{server.port}/v1", "--input", source,
+    code, stderr = await run_collect("--url", url, "--input", source,
                                      "--output", tmp_path / "out.jsonl", "--concurrency", 1)
     assert code == 1 and f"{source} line 2: HTTP 200: the reply holds a lone UTF-16 surrogate" in stderr, stderr
     assert "Traceback" not in stderr and keys(read_rollouts(tmp_path / "out.jsonl")) == [(0, 0), (2, 0)]
