@@ -432,3 +432,216 @@ def test_the_text_chunk_shortcut_on_a_real_engine_stream_shape():
     assert with_shortcut[:2] == without[:2] and without[1] is None
     assert (without[2], with_shortcut[2]) == (len(datas), len(datas) - 4)  # "étu 1" to "étu 4"
     assert "étu 4" in with_shortcut[0].decode()
+
+
+# --- a read's run of whole events converted at once (_relay_read, run_in, convert_run) ------------------------------
+
+def random_stream_datas(rng, text_only=False):
+    """vLLM `data:` payloads of a random stream: mostly text chunks, and (unless `text_only`) chunks of other shapes."""
+    datas = [vllm_chunk_bytes({"role": "assistant", "content": ""})]
+    for _ in range(rng.randint(0, 60)):
+        text = "".join(rng.choice(PLAIN_TEXT if rng.random() < 0.95 else SPECIAL_TEXT) for _ in range(rng.randint(0, 4)))
+        kind = 0.0 if text_only else rng.random()
+        if kind < 0.8:
+            datas.append(vllm_chunk_bytes({"content": text or "t"}))
+        elif kind < 0.83:
+            datas.append(vllm_chunk_bytes({"content": text}, token_ids_key=False))
+        elif kind < 0.86:
+            datas.append(vllm_chunk_bytes({"reasoning": text or "r"}))
+        elif kind < 0.89:
+            datas.append(vllm_chunk_bytes({"tool_calls": [{"index": 0, "id": "call_1", "function": {"name": "f", "arguments": text}}]}))
+        elif kind < 0.92:
+            datas.append(vllm_chunk_bytes({"content": "[DONE] " + text}))  # the marker inside a text is only text
+        elif kind < 0.94:
+            datas.append(vllm_chunk_bytes({"content": "ok"}).replace(b'"ok"', rng.choice([b'"o\xffk"', b'"o\x01k"'])))
+        elif kind < 0.95:
+            datas.append(b'{"error": {"message": "engine died", "type": "InternalServerError", "code": 500}}')
+        elif kind < 0.96:
+            datas.append(vllm_chunk_bytes({"content": text or "t"}, chunk_id="chatcmpl-other"))  # the same tail
+        elif kind < 0.97:  # a head of the same length: another choice's text, or no delta at all
+            datas.append(vllm_chunk_bytes({"content": text or "t"}).replace(*rng.choice([(b'"index":0', b'"index":1'),
+                                                                                         (b'"delta"', b'"DELTA"')])))
+        elif kind < 0.98:
+            datas.append(vllm_chunk_bytes({"content": ""}))
+        else:
+            datas.append(vllm_chunk_bytes({"content": text}, "stop"))
+    datas.append(vllm_chunk_bytes({}, rng.choice(["stop", "length"])))
+    return datas
+
+
+def sse_text(rng, datas, done=True, noise=False):
+    """The SSE bytes vLLM writes for `datas`; with `noise`, in the other spellings the format allows (`data:X`, more
+    spaces, CRLF, comments, another field's line), and anything after `[DONE]`."""
+    events = []
+    for data in datas:
+        if noise and rng.random() < 0.15:
+            events.append(rng.choice([b"data:%b\n\n", b"data:  %b \n\n", b"data: %b\r\n\r\n", b": ping\n\ndata: %b\n\n",
+                                      b"event: chunk\ndata: %b\n\n", b"data: %b\n\n\n"]) % data)
+        else:
+            events.append(b"data: %b\n\n" % data)
+    if done:
+        events.append(rng.choice([b"data: [DONE]\n\n", b"data:[DONE]\r\n\r\n"]) if noise else b"data: [DONE]\n\n")
+        if noise and rng.random() < 0.3:  # nothing after [DONE] is read
+            events += [b"data: %b\n\n" % data for data in (datas[1:] or datas)[:rng.randint(1, 12)]]
+    return b"".join(events)
+
+
+def random_reads(rng, raw):
+    """`raw` cut into reads as a socket may deliver them: at random places, at event ends, or in one piece."""
+    style = rng.random()
+    if style < 0.3:
+        cuts = sorted(rng.sample(range(1, len(raw)), min(len(raw) - 1, rng.randint(1, 40))))
+    elif style < 0.9:
+        ends = [i + 2 for i in range(len(raw)) if raw.startswith(b"\n\n", i)]
+        cuts = sorted(rng.sample(ends[:-1], min(len(ends) - 1, rng.randint(0, 30))))
+    else:
+        cuts = []
+    return [raw[a:b] for a, b in zip([0, *cuts], [*cuts, len(raw)])]
+
+
+def relayed(framing, reads):
+    """What _relay_stream sends for these reads (its loop without the I/O), and the error the stream ended with."""
+    out, lines, failure = [framing.start()], gym_vllm._DataLines(), None
+    try:
+        for block in reads:
+            converted = []
+            try:
+                gym_vllm._relay_read(block, lines, framing, converted)
+            finally:
+                out += converted
+            if lines.done:
+                break
+        else:
+            raise gym_vllm.upstream_error("vLLM closed the stream before `data: [DONE]`")
+        out.append(framing.finish())
+    except ApiError as exc:
+        failure = (exc.status, exc.message)
+        out.append(framing.fail(exc))
+    return b"".join(out), failure
+
+
+def responses_framing(config):
+    gym_vllm._random_hex.clear()  # the same item ids on both sides
+    random.seed(11)
+    machine = gym_vllm.ResponsesStream({"input": "q", "stream": True}, config)
+    machine.created = 1.0
+    return gym_vllm._ResponsesSSE(machine)
+
+
+def one_chunk_at_a_time(framing, raw):
+    """The reference: the stream's `data:` payloads found line by line, each converted on its own (`convert`)."""
+    out, lines, failure = [framing.start()], gym_vllm._DataLines(), None
+    try:
+        for data in lines.payloads(raw):
+            out.append(framing.convert(data))
+        if not lines.done:
+            raise gym_vllm.upstream_error("vLLM closed the stream before `data: [DONE]`")
+        out.append(framing.finish())
+    except ApiError as exc:
+        failure = (exc.status, exc.message)
+        out.append(framing.fail(exc))
+    return b"".join(out), failure
+
+
+@pytest.mark.parametrize("config", [BASE, NO_PARSER, TRAIN], ids=["parser", "no-parser", "token-ids"])
+def test_a_responses_read_converted_at_once_is_what_its_chunks_one_by_one_give(config):
+    """A /v1/responses stream relayed read by read (runs of text chunks converted at once) sends byte for byte what
+    converting every chunk on its own sends, and counts the same events, for random streams cut into random reads:
+    chunks of every shape, texts with every kind of character, the other spellings SSE allows, `[DONE]` in a text,
+    missing or followed by more, reads that end inside an event or a line."""
+    rng = random.Random(8)
+    runs = 0
+    for _ in range(400):
+        datas = random_stream_datas(rng, text_only=rng.random() < 0.3)
+        raw = sse_text(rng, datas, done=rng.random() < 0.95, noise=rng.random() < 0.3)
+        framing = responses_framing(config)
+        reference = one_chunk_at_a_time(framing, raw)
+        assert framing.sent == reference[0].count(b"\n\n")
+        framing = responses_framing(config)
+        converted_run = framing.convert_run
+        framing.convert_run = lambda block: (taken := converted_run(block)) is not None and taken.count(b"\n\n") > 1 \
+            and runs_taken.append(1) or taken
+        runs_taken: list = []
+        assert relayed(framing, random_reads(rng, raw)) == reference, raw
+        assert framing.sent == reference[0].count(b"\n\n")
+        runs += len(runs_taken)
+    assert runs > 300  # runs of several text chunks were converted at once, not all one by one
+
+
+def sse_events(raw):
+    """A chat stream's events as values: `data:` payloads decoded (JSON whitespace aside, two spellings are one; the
+    relay passes on what it need not read as it came, invalid JSON too)."""
+    events = []
+    for event in raw.split(b"\n\n")[:-1]:
+        assert event.startswith(b"data: "), raw
+        payload = event[6:].strip()
+        try:
+            events.append(gym_vllm._loads(payload))
+        except (ValueError, UnicodeDecodeError):
+            events.append(payload)
+    return events
+
+
+def test_a_chat_read_relayed_at_once_is_what_its_chunks_one_by_one_give():
+    """A chat stream relayed read by read (runs with nothing to rewrite passed on as vLLM wrote them) sends the events
+    converting every chunk on its own sends, byte for byte where vLLM wrote them in one spelling, and counts them."""
+    rng = random.Random(9)
+    passed_on = 0
+    for _ in range(400):
+        datas = random_stream_datas(rng, text_only=rng.random() < 0.3)
+        noise = rng.random() < 0.3
+        raw = sse_text(rng, datas, done=rng.random() < 0.95, noise=noise)
+        framing = gym_vllm._ChatSSE(BASE)
+        reference = one_chunk_at_a_time(framing, raw)
+        assert framing.sent == reference[0].count(b"\n\n")
+        framing = gym_vllm._ChatSSE(BASE)
+        convert_run = framing.convert_run
+        framing.convert_run = lambda block: (taken := convert_run(block)) is not None and runs_taken.append(1) or taken
+        runs_taken: list = []
+        out, failure = relayed(framing, random_reads(rng, raw))
+        assert failure == reference[1] and framing.sent == out.count(b"\n\n")
+        assert sse_events(out) == sse_events(reference[0]), raw
+        if not noise:
+            assert out == reference[0]
+        passed_on += len(runs_taken)
+    assert passed_on > 300
+
+
+def test_whole_events_are_counted_only_where_a_block_is_nothing_else():
+    event = b'data: {"a":1}\n\n'
+    assert gym_vllm._whole_events(event * 3) == 3
+    for block in (b"", event[:-1], b": ping\n\n" + event, event + b"data: [DONE]\n\n", b'data: {"a":\n1}\n\n',
+                  event + b"\n", b"\n" + event, b'data:{"a":1}\n\n'):
+        assert gym_vllm._whole_events(block) == 0, block
+
+
+@pytest.mark.parametrize("run_length", [4, 20], ids=["short-read", "long-read"])  # under and over 2,500 bytes
+@pytest.mark.parametrize("odd", [(b'"delta"', b'"DELTA"'), (b'"index":0', b'"index":1'), (b'"chatcmpl-7f3a"', b'"chatcmpl-7f3b"')],
+                         ids=["no-delta", "another-choice", "another-id"])
+def test_a_chunk_with_another_head_of_the_same_length_in_a_run_is_converted_as_itself(run_length, odd):
+    """A chunk in a run of text chunks whose head differs from the stream's but has its length (cutting heads by
+    length would take its text for the open message's) gives what converting it on its own gives."""
+    first = [vllm_chunk_bytes({"role": "assistant", "content": ""})] + [vllm_chunk_bytes({"content": f"a{i}"}) for i in range(3)]
+    run_chunks = [vllm_chunk_bytes({"content": f"b{i}"}) for i in range(run_length)]
+    run_chunks[run_length // 2] = run_chunks[run_length // 2].replace(*odd)
+    reads = [b"".join(b"data: %b\n\n" % data for data in first),
+             b"".join(b"data: %b\n\n" % data for data in run_chunks) + b"data: %b\n\ndata: [DONE]\n\n" % vllm_chunk_bytes({}, "stop")]
+    reference = one_chunk_at_a_time(responses_framing(BASE), b"".join(reads))
+    assert relayed(responses_framing(BASE), reads) == reference
+    if odd[1] == b'"DELTA"':
+        assert b'"delta":"b%d"' % (run_length // 2) not in reference[0]
+
+
+def test_a_run_past_the_written_sequence_numbers_writes_its_own():
+    """Sequence numbers are taken from a table of written ones (_DECIMALS); a long stream goes past its end."""
+    datas = [vllm_chunk_bytes({"role": "assistant", "content": ""})] + [vllm_chunk_bytes({"content": f"w{i}"}) for i in range(40)]
+    datas.append(vllm_chunk_bytes({}, "stop"))
+    raw = sse_text(random.Random(1), datas)
+    cut = raw.index(b"w3")  # the message is open and the shortcut's tail known by then
+    sides = []
+    for relay in (False, True):
+        framing = responses_framing(BASE)
+        framing.machine.sequence = len(gym_vllm._DECIMALS) - 20
+        sides.append(relayed(framing, [raw[:cut], raw[cut:]]) if relay else one_chunk_at_a_time(framing, raw))
+    assert sides[0] == sides[1] and sides[0][1] is None
+    assert b'"sequence_number":%d,' % (len(gym_vllm._DECIMALS) + 10) in sides[1][0]
