@@ -22,6 +22,11 @@ Targets (bench_proxy.py's, without the direct ones): passthrough, gym-chat, gym-
 gym-resp-tools, passthrough-ids, gym-resp-ids. `--compare-src FILE` also measures every gym target with
 another gym_vllm.py (say, a `git worktree` of an earlier commit) and reports the change.
 
+Streams (bench_stream.py's requests, 256 tokens): passthrough-stream, gym-chat-stream, gym-resp-stream, counted per
+event the client got. Their fake upstream spaces its tokens (`--stream-token-delay-ms`, 0.5 by default) and
+`--stream-concurrency` streams run at once, so that the proxy reads a few events at a time, as from a real engine;
+without it the proxy, slowed down by valgrind, would read each reply in a few large pieces.
+
 `--conversion` also counts, for every gym target, the conversion alone: what the handler does to the request besides
 its I/O (the request decoded and checked, converted, vLLM's body written; vLLM's reply, fetched once from the fake
 upstream, decoded and converted, the answer written), run `--requests` times in a loop in a process of its own, under
@@ -45,11 +50,19 @@ from pathlib import Path
 import aiohttp
 
 import bench_proxy
+import bench_stream
 import gym_vllm
 from harness import (Child, fmt, free_port, gym_child, gym_config, passthrough_child, progress, running_children, speedups,
                      start_all, upstream_child)
 
-TARGETS = ("passthrough", "gym-chat", "gym-resp", "passthrough-tools", "gym-resp-tools", "passthrough-ids", "gym-resp-ids")
+REQUEST_TARGETS = ("passthrough", "gym-chat", "gym-resp", "passthrough-tools", "gym-resp-tools", "passthrough-ids", "gym-resp-ids")
+STREAM_TARGETS = {  # key: (label, proxy, path)
+    "passthrough-stream": ("passthrough chat stream", "passthrough", "/v1/chat/completions"),
+    "gym-chat-stream": ("gym_vllm chat stream", "gym", "/v1/chat/completions"),
+    "gym-resp-stream": ("gym_vllm responses stream", "gym", "/v1/responses"),
+}
+TARGETS = (*REQUEST_TARGETS, *STREAM_TARGETS)
+STREAM_TOKENS = 256
 
 
 def proxy_child(workdir: Path, label: str, target: bench_proxy.Target, upstream_port: int, port: int,
@@ -77,6 +90,15 @@ def instructions_in(dump: Path) -> int:
     raise RuntimeError(f"{dump} has no totals line")
 
 
+def dumped_instructions(child: Child, dump: Path) -> int:
+    """Has callgrind dump what it counted since instrumentation went on; returns that count."""
+    callgrind("-d", str(child.pid))
+    dumps = sorted(dump.parent.glob(f"{dump.name}.*"))  # `-d` writes <dump>.1; the final one at exit comes later
+    if not dumps:
+        raise RuntimeError(f"{child.name}: callgrind wrote no dump")
+    return instructions_in(dumps[0])
+
+
 async def count(target: bench_proxy.Target, child: Child, dump: Path, requests: int, warmup: int) -> int:
     """Instructions the proxy executed for `requests` checked requests, one after another."""
     async with aiohttp.ClientSession() as session:
@@ -88,11 +110,27 @@ async def count(target: bench_proxy.Target, child: Child, dump: Path, requests: 
                 sample = await bench_proxy.one_request(session, target, expected)
                 if not sample.ok:
                     raise RuntimeError(f"{target.label}: {phase} request failed: {sample.error}")
-    callgrind("-d", str(child.pid))
-    dumps = sorted(dump.parent.glob(f"{dump.name}.*"))  # `-d` writes <dump>.1; the final one at exit comes later
-    if not dumps:
-        raise RuntimeError(f"{child.name}: callgrind wrote no dump")
-    return instructions_in(dumps[0])
+    return dumped_instructions(child, dump)
+
+
+async def count_stream(target: bench_stream.Target, child: Child, dump: Path, requests: int, concurrency: int,
+                       warmup: int) -> tuple[int, int, int]:
+    """(instructions the proxy executed, events the clients got, their reads) for `requests` checked streams,
+    `concurrency` at once."""
+    async with aiohttp.ClientSession() as session:
+        expected = await bench_stream.probe(session, target)
+        for phase, n in (("warm-up", warmup), ("measured", requests)):
+            if phase == "measured":
+                callgrind("-i", "on", str(child.pid))
+            events = reads = 0
+            for done in range(0, n, concurrency):
+                for sample in await asyncio.gather(*(bench_stream.one_request(session, target, expected)
+                                                     for _ in range(min(concurrency, n - done)))):
+                    if not sample.ok:
+                        raise RuntimeError(f"{target.label}: {phase} stream failed: {sample.error}")
+                    events += sample.events
+                    reads += sample.reads
+    return dumped_instructions(child, dump), events, reads
 
 
 # --- the conversion alone --------------------------------------------------------------------------
@@ -157,25 +195,42 @@ def conversion_instructions(folder: Path, iterations: int) -> float:
 
 
 def report(rows: list[dict], args: argparse.Namespace) -> str:
+    stream_rows = [row for row in rows if row["shape"] == "stream"]
+    rows = [row for row in rows if row["shape"] != "stream"]
     floor = {row["shape"]: row["k_instructions"] for row in rows if row["proxy"] == "passthrough"}
     conversion = args.conversion
-    lines = [f"## Instructions per request (valgrind), {args.requests} requests per target after {args.warmup} warm-up, "
-             f"token IDs for {args.ids_tokens} tokens" + (f" of a {args.prompt_tokens}-token question" if args.prompt_tokens else "")
-             + (f" after {args.history_turns} earlier turns" if args.history_turns else "")
-             + f", Python {platform.python_version()}, aiohttp {aiohttp.__version__}, {speedups()}", "",
-             "| target | source | k instructions / request | × passthrough |" + (" of it, the conversion alone |" if conversion else ""),
-             "|---|---|---|---|" + ("---|" if conversion else "")]
-    for row in rows:
-        base = floor.get(row["shape"])
-        ratio = f"{row['k_instructions'] / base:.2f}×" if base and row["proxy"] != "passthrough" else "–"
-        line = f"| {row['label']} | {row['source']} | {fmt(row['k_instructions'])} | {ratio} |"
+    lines: list[str] = []
+    if rows:
+        lines += [f"## Instructions per request (valgrind), {args.requests} requests per target after {args.warmup} warm-up, "
+                  f"token IDs for {args.ids_tokens} tokens" + (f" of a {args.prompt_tokens}-token question" if args.prompt_tokens else "")
+                  + (f" after {args.history_turns} earlier turns" if args.history_turns else "")
+                  + f", Python {platform.python_version()}, aiohttp {aiohttp.__version__}, {speedups()}", "",
+                  "| target | source | k instructions / request | × passthrough |" + (" of it, the conversion alone |" if conversion else ""),
+                  "|---|---|---|---|" + ("---|" if conversion else "")]
+        for row in rows:
+            base = floor.get(row["shape"])
+            ratio = f"{row['k_instructions'] / base:.2f}×" if base and row["proxy"] != "passthrough" else "–"
+            line = f"| {row['label']} | {row['source']} | {fmt(row['k_instructions'])} | {ratio} |"
+            if conversion:
+                line += f" {fmt(row['k_conversion'])} |" if "k_conversion" in row else " – |"
+            lines.append(line)
+        lines += ["", "User-space instructions of the proxy process only (no system calls, no kernel networking); "
+                      "× passthrough: over the pass-through's of the same shape."]
         if conversion:
-            line += f" {fmt(row['k_conversion'])} |" if "k_conversion" in row else " – |"
-        lines.append(line)
-    lines += ["", "User-space instructions of the proxy process only (no system calls, no kernel networking); "
-                  "× passthrough: over the pass-through's of the same shape."]
-    if conversion:
-        lines.append("The conversion alone: the handler's work besides I/O, looped in a process of its own (--conversion).")
+            lines.append("The conversion alone: the handler's work besides I/O, looped in a process of its own (--conversion).")
+    if stream_rows:
+        floor_per_event = next((row["instructions_per_event"] for row in stream_rows if row["proxy"] == "passthrough"), None)
+        lines += [*([""] if lines else []), f"## Instructions per streamed event (valgrind), {args.stream_requests} streams of "
+                  f"{STREAM_TOKENS} tokens per target, {args.stream_concurrency} at once, tokens {args.stream_token_delay_ms:g} ms apart", "",
+                  "| stream target | source | instructions / event | × passthrough | events per client read |",
+                  "|---|---|---|---|---|"]
+        for row in stream_rows:
+            ratio = (f"{row['instructions_per_event'] / floor_per_event:.2f}×" if floor_per_event and row["proxy"] != "passthrough"
+                     else "–")
+            lines.append(f"| {row['label']} | {row['source']} | {fmt(row['instructions_per_event'])} | {ratio} | "
+                         f"{fmt(row['events_per_client_read'], '.1f')} |")
+        lines += ["", "Per event the clients got. Events per client read: about what the proxy read from the fake upstream at "
+                      "a time (each proxy writes once per read)."]
     return "\n".join(lines)
 
 
@@ -193,6 +248,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--conversion", action="store_true",
                         help="also count each gym target's conversion alone (its work besides I/O, in a loop)")
+    parser.add_argument("--stream-requests", type=int, default=40, help="measured streams per stream target (default 40)")
+    parser.add_argument("--stream-concurrency", type=int, default=4, help="streams at once (default 4)")
+    parser.add_argument("--stream-token-delay-ms", type=float, default=0.5,
+                        help="the streams' fake upstream's pause between tokens (default 0.5)")
     parser.add_argument("--conversion-loop", metavar="FOLDER", type=Path, help=argparse.SUPPRESS)  # the loop's own process
     args = parser.parse_args(argv)
     args.target_keys = [t.strip() for t in args.targets.split(",") if t.strip()]
@@ -200,8 +259,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if unknown:
         parser.error(f"unknown --targets: {', '.join(sorted(unknown))}")
     if args.requests < (0 if args.conversion_loop else 1) or args.warmup < 0 or args.ids_tokens < 1 or args.history_turns < 0 \
-            or args.prompt_tokens < 0:
-        parser.error("--requests and --ids-tokens must be >= 1, --warmup, --history-turns and --prompt-tokens >= 0")
+            or args.prompt_tokens < 0 or args.stream_requests < 1 or args.stream_concurrency < 1 or args.stream_token_delay_ms < 0:
+        parser.error("--requests, --ids-tokens, --stream-requests and --stream-concurrency must be >= 1, --warmup, "
+                     "--history-turns, --prompt-tokens and --stream-token-delay-ms >= 0")
     if args.compare_src and not Path(args.compare_src).is_file():
         parser.error(f"--compare-src {args.compare_src}: no such file")
     missing = [tool for tool in ("valgrind", "callgrind_control") if not shutil.which(tool)]
@@ -210,19 +270,52 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def count_streams(args: argparse.Namespace, keys: list[str], workdir: Path, children: list[Child]) -> list[dict]:
+    """A row per stream target (and per source): instructions per event the clients got."""
+    upstream_port = free_port()
+    start_all([upstream_child(workdir, upstream_port, token_delay_ms=args.stream_token_delay_ms)], children)
+    chat_body, responses_body = bench_stream.stream_bodies(STREAM_TOKENS)
+    rows = []
+    for key in keys:
+        label, proxy, path = STREAM_TARGETS[key]
+        sources = [("this checkout", None)]
+        if args.compare_src and proxy != "passthrough":
+            sources.append((args.compare_src, str(Path(args.compare_src).resolve())))
+        for source, src in sources:
+            port = free_port()
+            child = (passthrough_child(workdir, port, upstream_port) if proxy == "passthrough"
+                     else gym_child(workdir, f"{key}-{len(rows)}", upstream_port, port, launcher=src))
+            dump = workdir / f"{key}-{len(rows)}.callgrind"
+            child.argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={dump}", *child.argv]
+            children.append(child)
+            child.start()
+            child.wait_ready(timeout_s=180)
+            target = bench_stream.Target(key, label, f"http://127.0.0.1:{port}{path}",
+                                         responses_body if path == "/v1/responses" else chat_body, None, path == "/v1/responses")
+            instructions, events, reads = asyncio.run(count_stream(target, child, dump, args.stream_requests,
+                                                                   args.stream_concurrency, warmup=args.stream_concurrency))
+            child.stop()
+            row = {"target": key, "label": label, "shape": "stream", "proxy": proxy, "source": source,
+                   "instructions_per_event": instructions / events, "events_per_client_read": events / reads}
+            rows.append(row)
+            progress(f"{label:<30} {source:<20} {row['instructions_per_event']:8.0f} instructions/event")
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.conversion_loop:
         conversion_loop(args.conversion_loop, args.requests)
         return 0
-    shape_args = bench_proxy.parse_args(["--targets", ",".join(args.target_keys), "--ids-tokens", str(args.ids_tokens),
+    request_keys = [key for key in args.target_keys if key in REQUEST_TARGETS]
+    shape_args = bench_proxy.parse_args(["--targets", ",".join(request_keys or REQUEST_TARGETS), "--ids-tokens", str(args.ids_tokens),
                                          "--history-turns", str(args.history_turns), "--prompt-tokens", str(args.prompt_tokens)])
     rows: list[dict] = []
     with running_children("bench_instructions.py") as (workdir, children):
         upstream_port, port = free_port(), free_port()
         start_all([upstream_child(workdir, upstream_port, think_tokens=shape_args.think_tokens)], children)
         ports = {"upstream": upstream_port, "passthrough": port, "gym": port, "gym_ids": port}
-        for target in bench_proxy.build_targets(shape_args, ports):
+        for target in bench_proxy.build_targets(shape_args, ports) if request_keys else []:
             sources = [("this checkout", None)]
             if args.compare_src and target.proxy != "passthrough":
                 sources.append((args.compare_src, str(Path(args.compare_src).resolve())))
@@ -242,6 +335,9 @@ def main(argv: list[str] | None = None) -> int:
                 this_checkout["k_conversion"] = conversion_instructions(conversion_inputs(workdir, target, upstream_port),
                                                                         args.requests) / 1000
                 progress(f"{target.label:<30} {'the conversion alone':<20} {this_checkout['k_conversion']:8.0f} k instructions")
+        stream_keys = [key for key in args.target_keys if key in STREAM_TARGETS]
+        if stream_keys:
+            rows += count_streams(args, stream_keys, workdir, children)
     print(report(rows, args))
     if args.json:
         Path(args.json).write_text(json.dumps({"requests": args.requests, "warmup": args.warmup, "rows": rows}, indent=1))

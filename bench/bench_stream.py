@@ -304,12 +304,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def stream_bodies(tokens: int) -> tuple[bytes, bytes]:
+    """The streaming requests: (chat completions, Responses), `tokens` tokens each."""
+    chat = {"model": "bench", "messages": [{"role": "user", "content": "hi"}], "max_tokens": tokens,
+            "stream": True, "stream_options": {"include_usage": True}}
+    return json.dumps(chat).encode(), json.dumps({"input": "hi", "stream": True, "max_output_tokens": tokens}).encode()
+
+
 def build_targets(args: argparse.Namespace, upstream_port: int, pass_port: int, gym_port: int,
                   passthrough: Child, gym: Child) -> list[Target]:
-    chat = {"model": "bench", "messages": [{"role": "user", "content": "hi"}], "max_tokens": args.tokens,
-            "stream": True, "stream_options": {"include_usage": True}}
-    chat_body = json.dumps(chat).encode()
-    responses_body = json.dumps({"input": "hi", "stream": True, "max_output_tokens": args.tokens}).encode()
+    chat_body, responses_body = stream_bodies(args.tokens)
     path = "/v1/chat/completions"
     targets = [
         Target("direct", "direct (upstream)", f"http://127.0.0.1:{upstream_port}{path}", chat_body, None),

@@ -268,13 +268,17 @@ def test_readme_bench_commands(command):
 def test_readme_bench_instructions_command(tmp_path):
     """The instruction counter as the README gives it, on two targets and a few requests: gym_vllm's /v1/responses
     parses, converts and re-encodes, so it must execute more instructions per request than the pass-through; its
-    conversion alone (`--conversion`) is part of that, not all of it (there is the I/O besides)."""
+    conversion alone (`--conversion`) is part of that, not all of it (there is the I/O besides). Streams are counted
+    per event the client got."""
     command = next(c for c, r in README_COMMANDS.items() if r == "test_readme_bench_instructions_command")
     out = tmp_path / "instructions.json"
-    result = run_shell(f"{command.replace('.venv/bin/python', sys.executable)} --requests 20 --warmup 5 "
-                       f"--targets passthrough,gym-resp --json {out}", REPO, timeout=600)
+    result = run_shell(f"{command.replace('.venv/bin/python', sys.executable)} --requests 20 --warmup 5 --stream-requests 4 "
+                       f"--targets passthrough,gym-resp,passthrough-stream,gym-resp-stream --json {out}", REPO, timeout=600)
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
     rows = {row["target"]: row for row in json.loads(out.read_text())["rows"]}
+    for key in ("passthrough-stream", "gym-resp-stream"):  # a streamed event costs the proxy thousands, not millions
+        assert 1_000 < rows[key]["instructions_per_event"] < 1_000_000 and rows[key]["events_per_client_read"] >= 1, rows
+    assert "| gym_vllm responses stream | this checkout |" in result.stdout
     assert 100 < rows["passthrough"]["k_instructions"] < rows["gym-resp"]["k_instructions"], rows
     assert 50 < rows["gym-resp"]["k_conversion"] < rows["gym-resp"]["k_instructions"], rows
     assert "k_conversion" not in rows["passthrough"]
