@@ -65,14 +65,13 @@ TARGETS = (*REQUEST_TARGETS, *STREAM_TARGETS)
 STREAM_TOKENS = 256
 
 
-def proxy_child(workdir: Path, label: str, target: bench_proxy.Target, upstream_port: int, port: int,
-                src: str | None) -> tuple[Child, Path]:
-    """The target's proxy on `port` (the benchmarks' own command; `src`: a gym_vllm.py to run instead of ours) under
-    callgrind with instrumentation off, and the path its dumps start with."""
-    if target.proxy == "passthrough":
+def proxy_child(workdir: Path, label: str, proxy: str, upstream_port: int, port: int, src: str | None) -> tuple[Child, Path]:
+    """The proxy (`passthrough`, `gym` or `gym_ids`) on `port` (the benchmarks' own command; `src`: a gym_vllm.py to run
+    instead of ours) under callgrind with instrumentation off, and the path its dumps start with."""
+    if proxy == "passthrough":
         child = passthrough_child(workdir, port, upstream_port)
     else:
-        child = gym_child(workdir, label, upstream_port, port, token_ids=target.proxy == "gym_ids", launcher=src)
+        child = gym_child(workdir, label, upstream_port, port, token_ids=proxy == "gym_ids", launcher=src)
     dump = workdir / f"{label}.callgrind"
     child.argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={dump}", *child.argv]
     return child, dump
@@ -283,10 +282,7 @@ def count_streams(args: argparse.Namespace, keys: list[str], workdir: Path, chil
             sources.append((args.compare_src, str(Path(args.compare_src).resolve())))
         for source, src in sources:
             port = free_port()
-            child = (passthrough_child(workdir, port, upstream_port) if proxy == "passthrough"
-                     else gym_child(workdir, f"{key}-{len(rows)}", upstream_port, port, launcher=src))
-            dump = workdir / f"{key}-{len(rows)}.callgrind"
-            child.argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={dump}", *child.argv]
+            child, dump = proxy_child(workdir, f"{key}-{len(rows)}", proxy, upstream_port, port, src)
             children.append(child)
             child.start()
             child.wait_ready(timeout_s=180)
@@ -320,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
             if args.compare_src and target.proxy != "passthrough":
                 sources.append((args.compare_src, str(Path(args.compare_src).resolve())))
             for source, src in sources:
-                child, dump = proxy_child(workdir, f"{target.key}-{len(rows)}", target, upstream_port, port, src)
+                child, dump = proxy_child(workdir, f"{target.key}-{len(rows)}", target.proxy, upstream_port, port, src)
                 children.append(child)
                 child.start()
                 child.wait_ready(timeout_s=180)  # start-up under valgrind
