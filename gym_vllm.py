@@ -2937,7 +2937,8 @@ class _ResponsesSSE:
             return 0, 0
         start = 0 if block.startswith(self.text_read_head) else block.find(self.text_read_head_after) + 2
         end = block.rfind(tail) + len(tail)
-        return (start, end) if start != 1 and end > start else (0, 0)
+        # Shorter than two text chunks (a head, a byte of text and a tail each): one at most, which `convert` takes faster.
+        return (start, end) if start != 1 and end - start >= 2 * (len(self.text_read_head) + 1 + len(tail)) else (0, 0)
 
     def convert_run(self, block: bytes) -> bytes | None:
         """A run of text chunks of the open message (`data: <head>"content":"<text><tail>\\n\\n`, each with the
