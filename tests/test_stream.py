@@ -499,14 +499,19 @@ def random_reads(rng, raw):
     return [raw[a:b] for a, b in zip([0, *cuts], [*cuts, len(raw)])]
 
 
-def relayed(framing, reads):
-    """What _relay_stream sends for these reads (its loop without the I/O), and the error the stream ended with."""
+def relayed(framing, reads, at_once=True):
+    """What _relay_stream sends for these reads (its loop without the I/O), and the error the stream ended with; with
+    `at_once` false, what it sent before round 10: every `data:` payload found line by line and converted on its own."""
     out, lines, failure = [framing.start()], gym_vllm._DataLines(), None
     try:
         for block in reads:
             converted = []
             try:
-                gym_vllm._relay_read(block, lines, framing, converted)
+                if at_once:
+                    gym_vllm._relay_read(block, lines, framing, converted)
+                else:
+                    for data in lines.payloads(block):
+                        converted.append(framing.convert(data))
             finally:
                 out += converted
             if lines.done:
@@ -530,17 +535,7 @@ def responses_framing(config):
 
 def one_chunk_at_a_time(framing, raw):
     """The reference: the stream's `data:` payloads found line by line, each converted on its own (`convert`)."""
-    out, lines, failure = [framing.start()], gym_vllm._DataLines(), None
-    try:
-        for data in lines.payloads(raw):
-            out.append(framing.convert(data))
-        if not lines.done:
-            raise gym_vllm.upstream_error("vLLM closed the stream before `data: [DONE]`")
-        out.append(framing.finish())
-    except ApiError as exc:
-        failure = (exc.status, exc.message)
-        out.append(framing.fail(exc))
-    return b"".join(out), failure
+    return relayed(framing, [raw], at_once=False)
 
 
 @pytest.mark.parametrize("config", [BASE, NO_PARSER, TRAIN], ids=["parser", "no-parser", "token-ids"])
@@ -676,3 +671,15 @@ def test_every_event_is_written_as_the_standard_encoder_writes_it(config):
             events += machine.fail(exc)
         for event in events:
             assert gym_vllm._sse_event(event) == f"event: {event['type']}\ndata: {gym_vllm._dumps(event)}\n\n".encode(), event
+
+
+def test_nothing_after_done_is_relayed_even_where_a_run_of_text_chunks_follows_it():
+    """A read that holds `[DONE]` before a run of text chunks (a server writing on after it) ends the stream at
+    `[DONE]`, as reading it line by line does: the run after it is not converted."""
+    first = [vllm_chunk_bytes({"role": "assistant", "content": ""})] + [vllm_chunk_bytes({"content": f"a{i}"}) for i in range(3)]
+    after = [vllm_chunk_bytes({"content": f"b{i}"}) for i in range(4)]
+    reads = [b"".join(b"data: %b\n\n" % data for data in first),
+             b"data: %b\n\ndata: [DONE]\n\n" % vllm_chunk_bytes({"content": "c"}, chunk_id="chatcmpl-other")
+             + b"".join(b"data: %b\n\n" % data for data in after)]
+    reference = one_chunk_at_a_time(responses_framing(BASE), b"".join(reads))
+    assert relayed(responses_framing(BASE), reads) == reference and b'"delta":"b0"' not in reference[0]
