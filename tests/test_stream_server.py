@@ -2,6 +2,7 @@
 
 import asyncio
 import json
+import random
 import re
 import time
 
@@ -11,7 +12,7 @@ import pytest
 import gym_vllm
 
 from conftest import assert_openai_error, server_config, strict_client
-from test_stream import check_lifecycle, normalized
+from test_stream import check_lifecycle, normalized, relayed
 from test_vllm import FORCED_CALL, WEATHER_TOOL
 
 
@@ -107,12 +108,12 @@ async def test_a_chunk_that_cannot_be_written_as_json_fails_the_stream_not_the_s
     events = await post_stream(base, {"input": "q"})
     assert "`created` should be a finite number or null" in events[-2]["message"] and events[-1]["type"] == "response.failed"
     async with aiohttp.ClientSession() as http:
-        for delta, relayed in ((surrogate, True), ('{"reasoning_content":"\\udc00"}', False)):
+        for delta, passed_on in ((surrogate, True), ('{"reasoning_content":"\\udc00"}', False)):
             fake.verbatim = sse_of(delta)
             async with http.post(base + "/chat/completions", json={"messages": [{"role": "user", "content": "q"}], "stream": True}) as answer:
                 lines = [line async for line in answer.content if line.strip()]
             assert lines[-1] == b"data: [DONE]\n"
-            if relayed:
+            if passed_on:
                 assert lines[0] == sse_of(delta).split(b"\n")[0] + b"\n"
             else:
                 assert "lone UTF-16 surrogate escape" in json.loads(lines[-2][6:])["error"]["message"]
@@ -288,3 +289,49 @@ async def test_real_engine_aborts_when_the_client_hangs_up(vllm_engine, proxy):
     while await running_requests(vllm_engine) > 0:
         assert time.monotonic() - started < 5, "vLLM kept generating after the client hung up"
         await asyncio.sleep(0.1)
+
+
+async def test_real_stream_through_the_relay_gives_what_the_engine_wrote(vllm_engine, proxy):
+    """A real engine's long stream through the relay, with the SDK: valid events in order, their deltas the text of the
+    same greedy request without streaming, and of the final response."""
+    client = strict_client(await proxy(server_config(vllm_engine, uses_reasoning_parser=False)))
+    request = {"model": "tiny", "input": "Tell a long story", "temperature": 0, "max_output_tokens": 400,
+               "extra_body": {"ignore_eos": True}}
+    events = [event async for event in await client.responses.create(stream=True, **request)]
+    assert [event.sequence_number for event in events] == list(range(len(events)))
+    text = "".join(event.delta for event in events if event.type == "response.output_text.delta")
+    assert events[-1].type == "response.incomplete" and events[-1].response.output_text == text
+    assert text == (await client.responses.create(**request)).output_text
+
+
+async def test_a_real_engine_stream_read_at_once_is_what_its_chunks_one_by_one_give(vllm_engine):
+    """The bytes a real engine streams, in reads of several chunks (how a busy proxy reads them; a lone one reads one
+    chunk at a time), converted a run at once: byte for byte what converting each chunk on its own gives. Reads of 3:
+    the tiny model writes control characters, whose escapes send a read chunk by chunk, in about half of its chunks."""
+    config = server_config(vllm_engine, uses_reasoning_parser=False)
+    request = {"input": "Tell a long story", "stream": True, "temperature": 0, "max_output_tokens": 200, "ignore_eos": True}
+    chat_body = gym_vllm.responses_request_to_chat(request, config)
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{vllm_engine}/chat/completions", data=gym_vllm.request_json(chat_body),
+                             headers={"Authorization": f"Bearer {config.api_key}", "Content-Type": "application/json"}) as answer:
+            assert answer.status == 200
+            raw = await answer.read()
+    events = [event + b"\n\n" for event in raw.split(b"\n\n") if event]
+    reads = [b"".join(events[i:i + 3]) for i in range(0, len(events), 3)]
+    runs = []
+
+    def framing():
+        machine = gym_vllm.ResponsesStream(request, config)
+        machine.created = 1.0
+        sse = gym_vllm._ResponsesSSE(machine)
+        convert_run = sse.convert_run
+        sse.convert_run = lambda block: (taken := convert_run(block)) is not None and runs.append(1) or taken
+        return sse
+
+    gym_vllm._random_hex.clear()  # the same item ids on both sides
+    random.seed(3)
+    reference = relayed(framing(), [raw], at_once=False)
+    gym_vllm._random_hex.clear()
+    random.seed(3)
+    assert relayed(framing(), reads) == reference and reference[1] is None
+    assert len(runs) >= 5 and reference[0].count(b"response.output_text.delta") >= 190
