@@ -323,6 +323,8 @@ _NULLS = (None, _msgspec.Raw(b"null")) if _msgspec else (None,)
 # ones None; other fields skipped. No cycle can go through one: the collector need not track it (gc=False).
 _LogprobRead = (_msgspec.defstruct("_LogprobRead", [("token", Any, None), ("logprob", Any, None)], gc=False)
                 if _msgspec else _NoText)
+# A JSON list of log-prob entries (a token-ID stream's, _ResponsesSSE.read_entries) as _LogprobRead.
+_read_logprob_entries = _msgspec.json.Decoder(list[_LogprobRead]).decode if _msgspec else None
 
 
 def _respelled(raw: bytes) -> bytes | None:
@@ -1433,7 +1435,7 @@ def _first_choice(chat: Any) -> dict:
 
 def _logprob_entries(content: list) -> bool:
     """Whether vLLM's `logprobs.content` holds entries of one kind: objects, or _LogprobRead where a schema decoded them
-    (all of them: the schema decodes the whole reply or none of it)."""
+    (a reply's: all of them, the schema decodes the whole reply or none of it; a stream's: ResponsesStream.whole_entries)."""
     kind = content[0].__class__ if content else dict
     return (kind is dict or kind is _LogprobRead) and _only(content, (kind,))
 
@@ -1854,6 +1856,9 @@ class ResponsesStream:
         self.logprobs: list[dict] = []
         self.saw_token_ids = False
         self.collects_tokens = config.return_token_id_information or wants_output_logprobs(request)
+        # Log-prob entries are kept whole where the client gets them, else only their token and log prob, as
+        # _LogprobRead (as a reply's are: CompletionForResponse), which _ResponsesSSE decodes at half the cost.
+        self.whole_entries = wants_output_logprobs(request) or not _msgspec
 
     # --- events -------------------------------------------------------------------------------
 
@@ -1930,6 +1935,9 @@ class ResponsesStream:
             self.token_ids.extend(token_ids)
         content = (choice.get("logprobs") or {}).get("content") if isinstance(choice.get("logprobs"), dict) else None
         if isinstance(content, list):
+            if not self.whole_entries:  # an entry that is not an object stays, to be reported as malformed at the end
+                content = [_LogprobRead(entry.get("token"), entry.get("logprob")) if entry.__class__ is dict else entry
+                           for entry in content]
             self.logprobs.extend(content)
 
     def _upstream_reasoning(self, events: list, text: str) -> None:
@@ -2036,17 +2044,22 @@ class ResponsesStream:
                        "output_index": len(self.output) - 1, "content_index": 0, "delta": text, "logprobs": []})
         self.sequence += 1
 
-    def take_text(self, text: str, count: int = 1) -> tuple[dict, int] | None:
-        """What feed() does with `count` chunks that carry only text (no usage, ids or finish reason), `text` in all,
-        where that text is the open message's next delta (the phase is text and a message is open): the text appended,
-        the events' sequence numbers taken; returns (the message item, the first number), for the caller to write the
-        events. None, and nothing changed, where feed() has more to do."""
+    def takes_text(self) -> bool:
+        """Whether text that comes now is the open message's next delta (`take_text`): the phase is text and a message
+        is open."""
         item = self.open_item
-        if self.phase != "text" or item is None or item["type"] != "message":
+        return self.phase == "text" and item is not None and item["type"] == "message"
+
+    def take_text(self, text: str, count: int = 1) -> tuple[dict, int] | None:
+        """What feed() does with `count` chunks that carry only text (no usage or finish reason; their token ids and
+        log probs the caller collects), `text` in all, where `takes_text`: the text appended, the events' sequence
+        numbers taken; returns (the message item, the first number), for the caller to write the events. None, and
+        nothing changed, where feed() has more to do."""
+        if not self.takes_text():
             return None
         self.message_text.append(text)
         self.sequence += count
-        return item, self.sequence - count
+        return self.open_item, self.sequence - count
 
     def _open_message(self, events: list) -> None:
         self._close_open_item(events)
@@ -2846,10 +2859,23 @@ _CHUNK_HEAD = re.compile(rb'\{"id":"[^"\\\x00-\x1f]*","object":"chat\.completion
 _TEXT_CHUNK_TAILS = (b'"},"logprobs":null,"finish_reason":null,"token_ids":null}]}',  # vLLM 0.11+
                      b'"},"logprobs":null,"finish_reason":null}]}')
 _NOT_PLAIN_TEXT = re.compile(rb'["\\\x00-\x1f]')
+# A token-ID stream's text chunk (`return_token_ids`, log probs), as `_ResponsesSSE._token_events` takes it: after the
+# stream's head and `"content":"`, the text (plain, as above), the token's log-prob entry and its id. The pattern only
+# delimits them (an entry's token has no escape, so no `"`, and its bytes are numbers): what they hold is then decoded
+# as JSON, as decoding the chunk would (the id by int(), as JSON spells it), and a chunk whose parts do not decode goes
+# feed's way.
+_TOKEN_CHUNK_REST = re.compile(rb'([^"\\\x00-\x1f]+)"\},"logprobs":\{"content":\[(\{"token":"[^"\\\x00-\x1f]*","logprob":[-+.0-9eE]+,'
+                               rb'"bytes":\[[0-9,]*\],"top_logprobs":\[\]\})\]\},"finish_reason":null,"token_ids":\[(0|[1-9][0-9]*)')
+_TOKEN_CHUNK_END = b"]}]}"                       # after the id: its list, the choice, the choices and the chunk closed
+_TOKEN_READ_END = _TOKEN_CHUNK_END + b"\n\n"
+_TOKEN_SEPARATOR = _TOKEN_READ_END + b"data: "   # between two chunks' events in a read
+_TOKEN_RUN_LAST = b'"finish_reason":null,"token_ids":['  # ends a token-ID stream's chunks but its last (finish, usage)
+_TOKEN_RUN_MIN = 4
 _TEXT_DELTA_EVENT = b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","sequence_number":'
 _TEXT_DELTA_END = b'","logprobs":[]}\n\n'
 _TEXT_DELTA_NEXT = _TEXT_DELTA_END + _TEXT_DELTA_EVENT
 _DECIMALS = tuple(b"%d" % number for number in range(4096))  # sequence numbers, written once
+_MATCH_GROUPS = operator.methodcaller("groups")
 
 
 class _ResponsesSSE:
@@ -2865,13 +2891,16 @@ class _ResponsesSSE:
         self.sent = 0
         self.text_chunk_head: bytes | None = None  # the stream's chunk head and `"content":"`, once checked
         self.head_checked = False
+        self.text_read_head = b""                  # a text chunk's event up to its text
+        self.text_read_head_after = b""            # the same after the event before it
+        self.cut_head: Callable[[bytes], bytes] = bytes  # a text chunk's event from its head on -> its text
         self.text_chunk_tail: bytes | None = None  # which of _TEXT_CHUNK_TAILS this stream's text chunks end with
         self.text_read_tail = b""                  # that tail and the event's end
         self.text_separator = b""                  # that tail and the next event's start
         self.text_joint = b""                      # that tail and the next event's start up to its text
-        self.text_read_head = b""                  # a text chunk's event up to its text
-        self.text_read_head_after = b""            # the same after the event before it
-        self.cut_head: Callable[[bytes], bytes] = bytes  # a text chunk's event from its head on -> its text
+        self.token_chunks = False                  # the stream's text chunks carry token ids (_TOKEN_CHUNK_REST)
+        # Their log-prob entries decoded as the machine keeps them (whole_entries), as _LogprobRead at half the cost.
+        self.read_entries = _loads if machine.whole_entries else _read_logprob_entries
         self.delta_item: dict | None = None        # the message whose event middle is `delta_middle`
         self.delta_middle = b""
 
@@ -2885,14 +2914,19 @@ class _ResponsesSSE:
     def convert(self, data: bytes) -> bytes:
         head = self.text_chunk_head
         if head is not None and data.startswith(head):
-            event = self._text_event(data, len(head))
+            event = (self._token_event(data, len(head)) if data.endswith(_TOKEN_CHUNK_END)
+                     else self._text_event(data, len(head)))
             if event is not None:
                 return event
         chunk = _parse_chunk(data)
         if not self.head_checked:  # the first chunk that decoded: its head is the stream's
             self.head_checked = True
             match = _CHUNK_HEAD.match(data)
-            self.text_chunk_head = match.group() + b'"content":"' if match else None
+            if match:
+                head = self.text_chunk_head = match.group() + b'"content":"'
+                self.text_read_head = b"data: " + head
+                self.text_read_head_after = b"\n\n" + self.text_read_head
+                self.cut_head = operator.itemgetter(slice(len(head), None))
         return self._written(self.machine.feed(chunk))
 
     def _text_event(self, data: bytes, start: int) -> bytes | None:
@@ -2902,26 +2936,65 @@ class _ResponsesSSE:
         else:
             return None
         raw_text = data[start:len(data) - len(tail)]
-        if not raw_text or _NOT_PLAIN_TEXT.search(raw_text) is not None:
+        if not raw_text or _NOT_PLAIN_TEXT.search(raw_text) is not None or not self.machine.takes_text():
             return None
         try:
             text = raw_text.decode()
         except UnicodeDecodeError:  # feed's way reports it
             return None
         taken = self.machine.take_text(text)
-        if taken is None:
-            return None
         if tail is not self.text_chunk_tail:
             self.text_chunk_tail = tail
             self.text_read_tail = tail + b"\n\n"
             self.text_separator = tail + b"\n\ndata: "
             self.text_joint = self.text_separator + self.text_chunk_head
-            self.text_read_head = b"data: " + self.text_chunk_head
-            self.text_read_head_after = b"\n\n" + self.text_read_head
-            self.cut_head = operator.itemgetter(slice(len(self.text_chunk_head), None))
         self._set_delta_item(taken[0])
         self.sent += 1
         return b"%b%d%b%b%b" % (_TEXT_DELTA_EVENT, taken[1], self.delta_middle, raw_text, _TEXT_DELTA_END)
+
+    def _token_event(self, data: bytes, start: int) -> bytes | None:
+        """`_text_event` for a token-ID stream's text chunk: its text, log-prob entry and id (_TOKEN_CHUNK_REST)."""
+        machine = self.machine
+        if not machine.takes_text():
+            return None
+        match = _TOKEN_CHUNK_REST.fullmatch(data, start, len(data) - len(_TOKEN_CHUNK_END))
+        if match is None:
+            return None
+        raw_text, entry, token_id = match.groups()
+        try:
+            text = raw_text.decode()
+            entries = self.read_entries(b"[%b]" % entry)
+            token_ids = int(token_id)
+        except (ValueError, UnicodeDecodeError):  # feed's way reports it
+            return None
+        taken = machine.take_text(text)
+        if machine.collects_tokens:
+            machine.saw_token_ids = True
+            machine.token_ids.append(token_ids)
+            machine.logprobs += entries
+        self.token_chunks = True
+        self._set_delta_item(taken[0])
+        self.sent += 1
+        return b"%b%d%b%b%b" % (_TEXT_DELTA_EVENT, taken[1], self.delta_middle, raw_text, _TEXT_DELTA_END)
+
+    def _token_events(self, raw_texts: Sequence[bytes], entries: Sequence[bytes], token_ids: Sequence[bytes]) -> bytes | None:
+        """`_token_event` for a run of chunks, their parts as _TOKEN_CHUNK_REST delimits them. Each part is decoded as
+        decoding its chunk would (the texts one by one: a character split across two chunks is invalid in each)."""
+        machine = self.machine
+        if not machine.takes_text():
+            return None
+        try:
+            text = "".join(map(bytes.decode, raw_texts))
+            logprobs = self.read_entries(b"[%b]" % b",".join(entries))
+            ids = list(map(int, token_ids))
+        except (ValueError, UnicodeDecodeError):  # feed's way reports it
+            return None
+        taken = machine.take_text(text, len(raw_texts))
+        if machine.collects_tokens:
+            machine.saw_token_ids = True
+            machine.token_ids += ids
+            machine.logprobs += logprobs
+        return self._delta_events(taken, raw_texts)
 
     def _set_delta_item(self, item: dict) -> None:
         if item is not self.delta_item:
@@ -2932,6 +3005,12 @@ class _ResponsesSSE:
     def run_in(self, block: bytes) -> tuple[int, int]:
         """Where a read's run of text chunks (`convert_run`) starts and ends: what comes before it (a stream's first
         chunk) and after it (its finish, usage and `[DONE]`; an event cut by the read's end) are not text chunks."""
+        if self.token_chunks:
+            start = 0 if block.startswith(self.text_read_head) else block.find(self.text_read_head_after) + 2
+            last = block.rfind(_TOKEN_RUN_LAST)
+            end = block.find(_TOKEN_READ_END, last) + len(_TOKEN_READ_END) if last > start else 0
+            # Fewer chunks than _TOKEN_RUN_MIN: `convert` takes them one by one faster (a run's steps cost ~4 us more).
+            return (start, end) if start != 1 and block.count(_TOKEN_READ_END, start, end) >= _TOKEN_RUN_MIN else (0, 0)
         tail = self.text_read_tail
         if not tail:
             return 0, 0
@@ -2945,6 +3024,8 @@ class _ResponsesSSE:
         stream's head and tail, as `convert` takes them one by one), converted at once: split in one call, checked by
         one comparison, one search and one decoding, its events written by C loops, with no Python step per event. Byte
         for byte what converting its chunks one by one sends; None, with nothing changed, for anything else."""
+        if self.token_chunks:
+            return self._convert_token_run(block)
         tail = self.text_chunk_tail
         if tail is None or not block.startswith(self.text_read_head) or not block.endswith(self.text_read_tail):
             return None
@@ -2964,18 +3045,36 @@ class _ResponsesSSE:
             middle.decode()  # the texts lie between ASCII bytes here: each is UTF-8 where this is
         except UnicodeDecodeError:
             return None
-        count = len(texts)
-        taken = self.machine.take_text(joined.decode(), count)
+        taken = self.machine.take_text(joined.decode(), len(texts))
         if taken is None:
             return None
+        return self._delta_events(taken, texts)
+
+    def _convert_token_run(self, block: bytes) -> bytes | None:
+        """`convert_run` for a token-ID stream: a run of its text chunks (`data: <head>"content":"<text>…]}]}\\n\\n`
+        each), split at each chunk's end, each head checked and cut, the rest delimited by _TOKEN_CHUNK_REST."""
+        if not block.startswith(self.text_read_head) or not block.endswith(_TOKEN_READ_END):
+            return None
+        chunks = block[6:-len(_TOKEN_READ_END)].split(_TOKEN_SEPARATOR)
+        if not all(map(bytes.startswith, chunks, itertools.repeat(self.text_chunk_head))):
+            return None
+        matches = list(map(_TOKEN_CHUNK_REST.fullmatch, map(self.cut_head, chunks)))
+        if not all(matches):
+            return None
+        return self._token_events(*zip(*map(_MATCH_GROUPS, matches)))
+
+    def _delta_events(self, taken: tuple[dict, int], texts: Sequence[bytes]) -> bytes:
+        """The output_text.delta events of `texts` (each a delta's JSON string without its quotes), numbered from what
+        `take_text` gave, written by C loops: <number><middle><text> each, joined."""
         self._set_delta_item(taken[0])
+        count = len(texts)
         self.sent += count
         first = taken[1]
         if first + count <= len(_DECIMALS):
             numbers: Iterable[bytes] = _DECIMALS[first:first + count]
         else:
             numbers = map(b"%d".__mod__, range(first, first + count))
-        events = _TEXT_DELTA_NEXT.join(map(self.delta_middle.join, zip(numbers, texts)))  # <number><middle><text> each
+        events = _TEXT_DELTA_NEXT.join(map(self.delta_middle.join, zip(numbers, texts)))
         return b"".join((_TEXT_DELTA_EVENT, events, _TEXT_DELTA_END))
 
     def finish(self) -> bytes:

@@ -278,6 +278,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="subset of direct,passthrough,gym-chat,gym-resp (default: all)")
     parser.add_argument("--think-tokens", type=int, default=0, help="upstream replies start with a <think> block this long")
     parser.add_argument("--token-delay-ms", type=float, default=0.0, help="upstream sleep per token (default 0: only yield)")
+    parser.add_argument("--token-ids", action="store_true",
+                        help="gym_vllm with return_token_id_information on, every stream asking vLLM for token ids and log probs")
     parser.add_argument("--paired", action="store_true",
                         help="run each gym_vllm target and the pass-through in one loop, in turn, and report what gym_vllm "
                              "adds to the pass-through's CPU per event")
@@ -304,16 +306,20 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
-def stream_bodies(tokens: int) -> tuple[bytes, bytes]:
-    """The streaming requests: (chat completions, Responses), `tokens` tokens each."""
+def stream_bodies(tokens: int, token_ids: bool = False) -> tuple[bytes, bytes]:
+    """The streaming requests: (chat completions, Responses), `tokens` tokens each. With `token_ids` the chat request
+    asks vLLM for what gym_vllm asks it for when `return_token_id_information` is on (each chunk then carries its
+    token's id and log-prob entry), so that the pass-through relays the same upstream stream."""
     chat = {"model": "bench", "messages": [{"role": "user", "content": "hi"}], "max_tokens": tokens,
             "stream": True, "stream_options": {"include_usage": True}}
+    if token_ids:
+        chat.update(logprobs=True, top_logprobs=0, return_token_ids=True, return_tokens_as_token_ids=True)
     return json.dumps(chat).encode(), json.dumps({"input": "hi", "stream": True, "max_output_tokens": tokens}).encode()
 
 
 def build_targets(args: argparse.Namespace, upstream_port: int, pass_port: int, gym_port: int,
                   passthrough: Child, gym: Child) -> list[Target]:
-    chat_body, responses_body = stream_bodies(args.tokens)
+    chat_body, responses_body = stream_bodies(args.tokens, args.token_ids)
     path = "/v1/chat/completions"
     targets = [
         Target("direct", "direct (upstream)", f"http://127.0.0.1:{upstream_port}{path}", chat_body, None),
@@ -361,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         upstream_port, pass_port, gym_port = free_port(), free_port(), free_port()
         upstream = upstream_child(workdir, upstream_port, args.token_delay_ms, args.think_tokens)
         passthrough = passthrough_child(workdir, pass_port, upstream_port)
-        gym = gym_child(workdir, "gym_vllm", upstream_port, gym_port, profile=args.profile_gym, launcher=args.gym_launcher)
+        gym = gym_child(workdir, "gym_vllm", upstream_port, gym_port, token_ids=args.token_ids, profile=args.profile_gym,
+                        launcher=args.gym_launcher)
         start_all([upstream, passthrough, gym], children)
         progress(f"started: fake_upstream :{upstream_port} (pid {upstream.pid}), passthrough :{pass_port} "
                  f"(pid {passthrough.pid}), gym_vllm :{gym_port} (pid {gym.pid})")
@@ -382,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
             return 0 if all(r.errors == 0 for r in results) else 3
         add_ratios(results)
 
-    setup = {"tokens": args.tokens, "seconds": args.seconds, "warmup": args.warmup, "think_tokens": args.think_tokens,
+    setup = {"tokens": args.tokens, "token_ids": args.token_ids, "seconds": args.seconds, "warmup": args.warmup, "think_tokens": args.think_tokens,
              "token_delay_ms": args.token_delay_ms, "cpus": os.cpu_count(), "python": platform.python_version(),
              "aiohttp": aiohttp.__version__, "speedups": speedups(), "profiled": bool(args.profile_gym),
              "busy_cores_before_start": round(background, 3)}

@@ -683,3 +683,118 @@ def test_nothing_after_done_is_relayed_even_where_a_run_of_text_chunks_follows_i
              + b"".join(b"data: %b\n\n" % data for data in after)]
     reference = one_chunk_at_a_time(responses_framing(BASE), b"".join(reads))
     assert relayed(responses_framing(BASE), reads) == reference and b'"delta":"b0"' not in reference[0]
+
+
+# --- token-ID streams: text chunks that carry their token's id and log-prob entry ----------------------------------
+
+def vllm_token_chunk_bytes(text, token_id, logprob=-0.5, token=None, token_bytes=None, top_logprobs=(), **options) -> bytes:
+    """A token-ID stream's text chunk as vLLM writes it (`return_token_ids`, `logprobs`, `return_tokens_as_token_ids`):
+    vllm-cpu.md §4b-c, the log-prob entry between the delta and the finish reason, the id after it."""
+    entry = {"token": f"token_id:{token_id}" if token is None else token, "logprob": logprob,
+             "bytes": list(text.encode()) if token_bytes is None else token_bytes, "top_logprobs": list(top_logprobs)}
+    data = vllm_chunk_bytes({"content": text}, **options)
+    return data.replace(b'"logprobs":null,', b'"logprobs":%b,' % gym_vllm._dumps({"content": [entry]}).encode()).replace(
+        b'"token_ids":null', b'"token_ids":[%d]' % token_id)
+
+
+ODD_LOGPROBS = [-1.1920928955078125e-07, -20.0, -1e-05, 0.0, -3.4e-120, -9999.0]
+
+
+def random_token_stream_datas(rng):
+    """vLLM `data:` payloads of a random token-ID stream: mostly text chunks with their id and log-prob entry, some
+    whose parts the shortcut cannot take as they are (an entry of another shape, an id spelled oddly, invalid UTF-8,
+    no id), and chunks of other shapes."""
+    datas = [vllm_chunk_bytes({"role": "assistant", "content": ""}).replace(b'"token_ids":null}]',
+                                                                            b'"token_ids":null}],"prompt_token_ids":[1,2,3]')]
+    for _ in range(rng.randint(0, 60)):
+        text = "".join(rng.choice(PLAIN_TEXT if rng.random() < 0.95 else SPECIAL_TEXT) for _ in range(rng.randint(0, 3)))
+        token_id = rng.randint(0, 200_000)
+        kind = rng.random() * 1.6 - 0.6  # mostly (and all below 0.75) the chunk of nearly every token
+        if kind < 0.75:
+            datas.append(vllm_token_chunk_bytes(text or "t", token_id, rng.choice([-0.5, rng.uniform(-30, 0), *ODD_LOGPROBS])))
+        elif kind < 0.78:
+            datas.append(vllm_token_chunk_bytes(text or "t", token_id, token=rng.choice(["a", "é", 'q"', "\n", ""])))
+        elif kind < 0.8:
+            datas.append(vllm_token_chunk_bytes(text or "t", token_id, top_logprobs=[{"token": "x", "logprob": -1.0, "bytes": [120]}]))
+        elif kind < 0.82:
+            datas.append(vllm_token_chunk_bytes(text or "t", token_id, token_bytes=[]))
+        elif kind < 0.84:  # parts the pattern delimits that do not decode, or decode otherwise
+            datas.append(vllm_token_chunk_bytes("ok", 7).replace(*rng.choice([
+                (b'"ok"', b'"o\xffk"'), (b'"token_ids":[7]', b'"token_ids":[07]'), (b'"logprob":-0.5', b'"logprob":-0.5e999'),
+                (b'"logprob":-0.5', b'"logprob":-.5'), (b'"bytes":[111,107]', b'"bytes":[111,,107]'),
+                (b'"token":"token_id:7"', b'"token":"\xed\xa0\x80"'), (b'"token_ids":[7]', b'"token_ids":[7,8]')])))
+        elif kind < 0.85:  # a character split across two chunks: valid UTF-8 together, in neither alone
+            datas += [vllm_token_chunk_bytes("o", 7).replace(b'"o"', b'"o\xc3"'), vllm_token_chunk_bytes("k", 8).replace(b'"k"', b'"\xa9k"')]
+        elif kind < 0.87:
+            datas.append(vllm_chunk_bytes({"content": text or "t"}))  # no id, no log prob
+        elif kind < 0.89:  # another head, of another length or of the stream's
+            datas.append(vllm_token_chunk_bytes(text or "t", token_id, chunk_id=rng.choice(["chatcmpl-other", "chatcmpl-7f3b"])).replace(
+                *rng.choice([(b"", b""), (b'"index":0', b'"index":1'), (b'"delta"', b'"DELTA"')])))  # the last: no text to take
+        elif kind < 0.91:
+            datas.append(vllm_token_chunk_bytes("", token_id).replace(b'"delta":{"content":""}', b'"delta":{}'))  # a partial character
+        elif kind < 0.93:
+            datas.append(vllm_chunk_bytes({"tool_calls": [{"index": 0, "id": "call_1", "function": {"name": "f", "arguments": text}}]}))
+        elif kind < 0.95:
+            datas.append(b'{"error": {"message": "engine died", "type": "InternalServerError", "code": 500}}')
+        else:
+            datas.append(vllm_token_chunk_bytes(text or "t", token_id, finish_reason="stop"))
+    datas.append(vllm_token_chunk_bytes("end", 5, finish_reason=rng.choice(["stop", "length"])))
+    return datas
+
+
+class Feeding(gym_vllm._ResponsesSSE):
+    """The reference: every chunk decoded and fed to the machine, no shortcut and no run."""
+
+    def convert(self, data):
+        return self._written(self.machine.feed(gym_vllm._parse_chunk(data)))
+
+    def run_in(self, block):
+        return 0, 0
+
+
+TOKEN_STREAMS = [(TRAIN, {"input": "q", "stream": True}),
+                 (TRAIN, {"input": "q", "stream": True, "include": ["message.output_text.logprobs"], "top_logprobs": 0}),
+                 (BASE, {"input": "q", "stream": True})]
+
+
+@pytest.mark.parametrize("config, request_body", TOKEN_STREAMS, ids=["token-ids", "token-ids-and-output-logprobs", "no-token-ids"])
+def test_a_token_id_stream_relayed_by_its_shortcuts_is_what_feeding_its_chunks_gives(config, request_body):
+    """A token-ID stream's text chunks, taken one by one (`_token_event`) or a read's run at once (`_convert_token_run`),
+    give byte for byte what decoding and feeding every chunk gives: the events, the token ids and log probs of the
+    last item, the error a stream ends with; for random streams cut into random reads, chunks whose parts do not
+    decode (or decode to something else than they look) among them."""
+    rng = random.Random(12)
+    taken = {"one": 0, "runs": 0}
+    for _ in range(300):
+        raw = sse_text(rng, random_token_stream_datas(rng), done=rng.random() < 0.95, noise=rng.random() < 0.2)
+        reads = random_reads(rng, raw)
+        sides = []
+        for kind in (Feeding, gym_vllm._ResponsesSSE):
+            gym_vllm._random_hex.clear()
+            random.seed(11)
+            machine = gym_vllm.ResponsesStream(request_body, config)
+            machine.created = 1.0
+            framing = kind(machine)
+            if kind is not Feeding:
+                token_event, token_run = framing._token_event, framing._convert_token_run
+                framing._token_event = lambda *a: (out := token_event(*a)) is not None and taken.__setitem__("one", taken["one"] + 1) or out
+                framing._convert_token_run = lambda b: (out := token_run(b)) is not None and taken.__setitem__("runs", taken["runs"] + 1) or out
+            sides.append((relayed(framing, reads), framing.sent))
+        assert sides[0] == sides[1], raw
+        assert sides[1][1] == sides[1][0][0].count(b"\n\n")
+    assert taken["one"] > 1500 and taken["runs"] > 60, taken
+
+
+def test_a_token_id_stream_gives_the_ids_and_log_probs_it_carried():
+    """The token fields of a token-ID stream relayed by its shortcuts: what its chunks carried, in order."""
+    datas = [vllm_chunk_bytes({"role": "assistant", "content": ""}).replace(b'"token_ids":null}]', b'"token_ids":null}],"prompt_token_ids":[1,2]')]
+    datas += [vllm_token_chunk_bytes(f"w{i}", 100 + i, -i / 8) for i in range(12)]
+    datas.append(vllm_token_chunk_bytes("", 99, -2.0, token_bytes=[], finish_reason="length").replace(b'"content":""', b''))
+    raw = sse_text(random.Random(1), datas)
+    framing = responses_framing(TRAIN)
+    out, failure = relayed(framing, [raw[:raw.index(b"w3")], raw[raw.index(b"w3") - 150:][150:]])  # w3 on: one read
+    assert failure is None and framing.token_chunks
+    final = gym_vllm._loads(out.rsplit(b"data: ", 1)[1])["response"]["output"][-1]
+    assert final["generation_token_ids"] == [100 + i for i in range(12)] + [99]
+    assert final["generation_log_probs"] == [-i / 8 for i in range(12)] + [-2.0]
+    assert final["prompt_token_ids"] == [1, 2] and final["content"][0]["text"] == "".join(f"w{i}" for i in range(12))
