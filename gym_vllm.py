@@ -1847,6 +1847,8 @@ class ResponsesStream:
         self.tool_index: Any = None            # upstream index of the open function_call item
         self.phase = "lead" if config.uses_reasoning_parser else "text"  # lead -> think -> text
         self.held = ""                         # text held back while a leading <think> may still come or close
+        self.held_pieces: list[str] = []       # and what came after it inside the block, not yet joined
+        self.think_tail = ""                   # the block's last characters, where a `</think>` may have begun
         self.upstream_reasoning = ""           # vLLM's own reasoning field, when its parser ran
         self.think_block: str | None = None    # the leading <think> block, once closed
         self.finish_reason: str | None = None
@@ -1950,7 +1952,10 @@ class ResponsesStream:
         if self.phase == "text":
             self._message_delta(events, text)
             return
-        self.held += text
+        if self.hold_text(text):
+            return
+        self.held = "".join((self.held, *self.held_pieces, text))
+        self.held_pieces = []
         if self.phase == "lead":
             stripped = self.held.lstrip()
             if stripped.startswith(_THINK_OPEN):
@@ -1963,6 +1968,7 @@ class ResponsesStream:
         opening = self.held.index(_THINK_OPEN)
         closing = self.held.find(_THINK_CLOSE, opening + len(_THINK_OPEN))
         if closing < 0:
+            self.think_tail = self.held[opening + len(_THINK_OPEN):][1 - len(_THINK_CLOSE):]
             return
         self.think_block = self.held[opening + len(_THINK_OPEN):closing]
         # The whitespace before <think> stays message text, as the non-streaming parser keeps it.
@@ -1972,9 +1978,25 @@ class ResponsesStream:
         self._open_reasoning(events)
         self._message_delta(events, rest)
 
+    def hold_text(self, text: str) -> bool:
+        """Inside a leading `<think>` block, text that does not end it is held, with nothing to send (what feed() does
+        with chunks of only such text; their token ids and log probs the caller collects). Only that text and the
+        block's last characters are searched for `</think>`, and it is kept as a piece: a long reasoning block costs
+        what its length does, not its length squared (the held text was copied and searched whole at every chunk).
+        False, and nothing changed, elsewhere or where `text` ends the block."""
+        if self.phase != "think":
+            return False
+        seen = self.think_tail + text
+        if seen.find(_THINK_CLOSE) >= 0:
+            return False
+        self.held_pieces.append(text)
+        self.think_tail = seen[1 - len(_THINK_CLOSE):]
+        return True
+
     def _release_held(self, events: list) -> None:
         """No leading reasoning block after all: what was held is message text (after any upstream reasoning)."""
-        held, self.held = self.held, ""
+        held, self.held = "".join((self.held, *self.held_pieces)), ""
+        self.held_pieces = []
         self.phase = "text"
         if self.upstream_reasoning:
             self._open_reasoning(events)
@@ -2049,6 +2071,10 @@ class ResponsesStream:
         is open."""
         item = self.open_item
         return self.phase == "text" and item is not None and item["type"] == "message"
+
+    def takes_or_holds_text(self) -> bool:
+        """Whether text that comes now may be taken (`take_text`) or held (`hold_text`)."""
+        return self.phase == "think" or self.takes_text()
 
     def take_text(self, text: str, count: int = 1) -> tuple[dict, int] | None:
         """What feed() does with `count` chunks that carry only text (no usage or finish reason; their token ids and
@@ -2936,18 +2962,23 @@ class _ResponsesSSE:
         else:
             return None
         raw_text = data[start:len(data) - len(tail)]
-        if not raw_text or _NOT_PLAIN_TEXT.search(raw_text) is not None or not self.machine.takes_text():
+        machine = self.machine
+        if not raw_text or _NOT_PLAIN_TEXT.search(raw_text) is not None or not machine.takes_or_holds_text():
             return None
         try:
             text = raw_text.decode()
         except UnicodeDecodeError:  # feed's way reports it
             return None
-        taken = self.machine.take_text(text)
+        taken = machine.take_text(text)
+        if taken is None and not machine.hold_text(text):
+            return None
         if tail is not self.text_chunk_tail:
             self.text_chunk_tail = tail
             self.text_read_tail = tail + b"\n\n"
             self.text_separator = tail + b"\n\ndata: "
             self.text_joint = self.text_separator + self.text_chunk_head
+        if taken is None:
+            return b""
         self._set_delta_item(taken[0])
         self.sent += 1
         return b"%b%d%b%b%b" % (_TEXT_DELTA_EVENT, taken[1], self.delta_middle, raw_text, _TEXT_DELTA_END)
@@ -2955,7 +2986,7 @@ class _ResponsesSSE:
     def _token_event(self, data: bytes, start: int) -> bytes | None:
         """`_text_event` for a token-ID stream's text chunk: its text, log-prob entry and id (_TOKEN_CHUNK_REST)."""
         machine = self.machine
-        if not machine.takes_text():
+        if not machine.takes_or_holds_text():
             return None
         match = _TOKEN_CHUNK_REST.fullmatch(data, start, len(data) - len(_TOKEN_CHUNK_END))
         if match is None:
@@ -2968,11 +2999,15 @@ class _ResponsesSSE:
         except (ValueError, UnicodeDecodeError):  # feed's way reports it
             return None
         taken = machine.take_text(text)
+        if taken is None and not machine.hold_text(text):
+            return None
         if machine.collects_tokens:
             machine.saw_token_ids = True
             machine.token_ids.append(token_ids)
             machine.logprobs += entries
         self.token_chunks = True
+        if taken is None:
+            return b""
         self._set_delta_item(taken[0])
         self.sent += 1
         return b"%b%d%b%b%b" % (_TEXT_DELTA_EVENT, taken[1], self.delta_middle, raw_text, _TEXT_DELTA_END)
@@ -2981,7 +3016,7 @@ class _ResponsesSSE:
         """`_token_event` for a run of chunks, their parts as _TOKEN_CHUNK_REST delimits them. Each part is decoded as
         decoding its chunk would (the texts one by one: a character split across two chunks is invalid in each)."""
         machine = self.machine
-        if not machine.takes_text():
+        if not machine.takes_or_holds_text():
             return None
         try:
             text = "".join(map(bytes.decode, raw_texts))
@@ -2989,12 +3024,12 @@ class _ResponsesSSE:
             ids = list(map(int, token_ids))
         except (ValueError, UnicodeDecodeError):  # feed's way reports it
             return None
-        taken = machine.take_text(text, len(raw_texts))
-        if machine.collects_tokens:
+        events = self._texts_taken(raw_texts, text)
+        if events is not None and machine.collects_tokens:
             machine.saw_token_ids = True
             machine.token_ids += ids
             machine.logprobs += logprobs
-        return self._delta_events(taken, raw_texts)
+        return events
 
     def _set_delta_item(self, item: dict) -> None:
         if item is not self.delta_item:
@@ -3045,10 +3080,7 @@ class _ResponsesSSE:
             middle.decode()  # the texts lie between ASCII bytes here: each is UTF-8 where this is
         except UnicodeDecodeError:
             return None
-        taken = self.machine.take_text(joined.decode(), len(texts))
-        if taken is None:
-            return None
-        return self._delta_events(taken, texts)
+        return self._texts_taken(texts, joined.decode())
 
     def _convert_token_run(self, block: bytes) -> bytes | None:
         """`convert_run` for a token-ID stream: a run of its text chunks (`data: <head>"content":"<text>…]}]}\\n\\n`
@@ -3062,6 +3094,15 @@ class _ResponsesSSE:
         if not all(matches):
             return None
         return self._token_events(*zip(*map(_MATCH_GROUPS, matches)))
+
+    def _texts_taken(self, texts: Sequence[bytes], text: str) -> bytes | None:
+        """What feed() sends for chunks of only these texts (`text`, all of them decoded): the open message's next
+        deltas, or nothing where a leading `<think>` block holds them; None, with nothing changed, where it has more to do."""
+        machine = self.machine
+        taken = machine.take_text(text, len(texts))
+        if taken is not None:
+            return self._delta_events(taken, texts)
+        return b"" if machine.hold_text(text) else None
 
     def _delta_events(self, taken: tuple[dict, int], texts: Sequence[bytes]) -> bytes:
         """The output_text.delta events of `texts` (each a delta's JSON string without its quotes), numbered from what
@@ -3196,8 +3237,9 @@ async def _relay_stream(context: RequestContext, upstream: aiohttp.ClientRespons
                     try:
                         _relay_read(block, lines, framing, converted)
                     finally:  # what was converted goes out, even when a later chunk of the read failed
-                        if converted:
-                            await response.write(b"".join(converted))
+                        payload = b"".join(converted)
+                        if payload:  # not a read of reasoning held back, with nothing to send yet
+                            await response.write(payload)
                             events[path] += framing.sent
                             framing.sent = 0
                     if lines.done:

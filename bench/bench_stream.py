@@ -227,6 +227,8 @@ class PairedStream:
     floor_us_per_event: float    # the pass-through's
     excess_us_per_event: float
     vs_passthrough: float
+    vs_passthrough_per_stream: float  # CPU per stream over the pass-through's: where gym_vllm sends fewer events than
+                                      # vLLM's chunks (a leading <think> block becomes one reasoning item), per event is not
 
 
 async def run_paired(session: aiohttp.ClientSession, target: Target, floor: Target, upstream: Child, concurrency: int,
@@ -242,15 +244,19 @@ async def run_paired(session: aiohttp.ClientSession, target: Target, floor: Targ
     bad = [sample for _, sample in window.samples if not sample.ok]
     mine = window.cpu["target"] * 1e6 / events[target.key] if events[target.key] else math.nan
     floors = window.cpu["floor"] * 1e6 / events[floor.key] if events[floor.key] else math.nan
+    per_stream = {key: window.cpu[side] / requests[key] if requests[key] else math.nan
+                  for side, key in (("target", target.key), ("floor", floor.key))}
     return PairedStream(concurrency, target.key, target.label, requests[target.key], requests[floor.key], len(bad),
-                        bad[0].error if bad else "", mine, floors, mine - floors, mine / floors if floors else math.nan)
+                        bad[0].error if bad else "", mine, floors, mine - floors, mine / floors if floors else math.nan,
+                        per_stream[target.key] / per_stream[floor.key] if per_stream[floor.key] else math.nan)
 
 
 def paired_table(results: list[PairedStream]) -> str:
-    rows = ["| C | target | excess µs/event | × pass-through | proxy µs/event | pass-through µs/event | requests (pass-through) "
-            "| errors |", "|---|---|---|---|---|---|---|---|"]
+    rows = ["| C | target | excess µs/event | × pass-through | proxy µs/event | pass-through µs/event | × per stream "
+            "| requests (pass-through) | errors |", "|---|---|---|---|---|---|---|---|---|"]
     rows += [f"| {r.concurrency} | {r.label} | {r.excess_us_per_event:+.1f} | {r.vs_passthrough:.2f}× | {r.us_per_event:.1f} | "
-             f"{r.floor_us_per_event:.1f} | {r.requests} ({r.floor_requests}) | {r.errors} |" for r in results]
+             f"{r.floor_us_per_event:.1f} | {r.vs_passthrough_per_stream:.2f}× | {r.requests} ({r.floor_requests}) | {r.errors} |"
+             for r in results]
     return "\n".join(rows)
 
 
@@ -382,7 +388,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"CPUs, Python {platform.python_version()}, aiohttp {aiohttp.__version__}, {speedups()}\n")
             print(paired_table(results))
             print("\nexcess: gym_vllm's CPU per relayed event minus the pass-through's, both read over the same window; "
-                  "× pass-through: their ratio, diluted at low C (both wake with caches the other filled).")
+                  "× pass-through: their ratio, diluted at low C (both wake with caches the other filled); × per stream: the ratio "
+                  "of CPU per stream, which compares where gym_vllm sends fewer events than vLLM's chunks (--think-tokens).")
             if args.json:
                 Path(args.json).write_text(json.dumps({"paired": [dataclasses.asdict(r) for r in results]}, indent=2))
                 print(f"\nwrote {args.json}")

@@ -436,11 +436,34 @@ def test_the_text_chunk_shortcut_on_a_real_engine_stream_shape():
 
 # --- a read's run of whole events converted at once (_relay_read, run_in, convert_run) ------------------------------
 
+THINK_OPENINGS = ["<think>", "<think>", " <think>", "<thi", "\n<think>a", "<think>\n"]
+THINK_CLOSINGS = [["</think>"], ["</th", "ink>"], ["<", "/think>x"], ["a</think>b"], ["</think", ">\n\nc"], ["</", "thin"]]
+
+
+def think_texts(rng):
+    """A random stream's texts where it leads with a `<think>` block: its opening, then when its closing comes (perhaps
+    split across chunks, perhaps never), as {position: text} of the chunks after the first."""
+    if rng.random() < 0.5:
+        return {}
+    if rng.random() < 0.1:  # the block ends across the chunk that opened it and the next
+        return {0: "<think>r</th", 1: "ink>s"}
+    texts = {0: rng.choice(THINK_OPENINGS)}
+    at = rng.randint(1, 50)
+    for offset, text in enumerate(rng.choice(THINK_CLOSINGS)):
+        texts[at + offset] = text
+    return texts
+
+
 def random_stream_datas(rng, text_only=False):
-    """vLLM `data:` payloads of a random stream: mostly text chunks, and (unless `text_only`) chunks of other shapes."""
+    """vLLM `data:` payloads of a random stream: mostly text chunks, and (unless `text_only`) chunks of other shapes;
+    half of them lead with a `<think>` block (think_texts)."""
     datas = [vllm_chunk_bytes({"role": "assistant", "content": ""})]
-    for _ in range(rng.randint(0, 60)):
+    think = think_texts(rng)
+    for position in range(rng.randint(0, 60)):
         text = "".join(rng.choice(PLAIN_TEXT if rng.random() < 0.95 else SPECIAL_TEXT) for _ in range(rng.randint(0, 4)))
+        if position in think:
+            datas.append(vllm_chunk_bytes({"content": think[position]}))
+            continue
         kind = 0.0 if text_only else rng.random()
         if kind < 0.8:
             datas.append(vllm_chunk_bytes({"content": text or "t"}))
@@ -525,12 +548,22 @@ def relayed(framing, reads, at_once=True):
     return b"".join(out), failure
 
 
-def responses_framing(config):
+class Feeding(gym_vllm._ResponsesSSE):
+    """The reference: every chunk decoded and fed to the machine, no shortcut and no run."""
+
+    def convert(self, data):
+        return self._written(self.machine.feed(gym_vllm._parse_chunk(data)))
+
+    def run_in(self, block):
+        return 0, 0
+
+
+def responses_framing(config, kind=gym_vllm._ResponsesSSE):
     gym_vllm._random_hex.clear()  # the same item ids on both sides
     random.seed(11)
     machine = gym_vllm.ResponsesStream({"input": "q", "stream": True}, config)
     machine.created = 1.0
-    return gym_vllm._ResponsesSSE(machine)
+    return kind(machine)
 
 
 def one_chunk_at_a_time(framing, raw):
@@ -541,9 +574,10 @@ def one_chunk_at_a_time(framing, raw):
 @pytest.mark.parametrize("config", [BASE, NO_PARSER, TRAIN], ids=["parser", "no-parser", "token-ids"])
 def test_a_responses_read_converted_at_once_is_what_its_chunks_one_by_one_give(config):
     """A /v1/responses stream relayed read by read (runs of text chunks converted at once) sends byte for byte what
-    converting every chunk on its own sends, and counts the same events, for random streams cut into random reads:
-    chunks of every shape, texts with every kind of character, the other spellings SSE allows, `[DONE]` in a text,
-    missing or followed by more, reads that end inside an event or a line."""
+    converting every chunk on its own sends, and that what decoding and feeding every chunk sends, and counts the same
+    events, for random streams cut into random reads: chunks of every shape, texts with every kind of character, a
+    leading `<think>` block ended anywhere (or not at all), the other spellings SSE allows, `[DONE]` in a text, missing
+    or followed by more, reads that end inside an event or a line."""
     rng = random.Random(8)
     runs = 0
     for _ in range(400):
@@ -552,6 +586,7 @@ def test_a_responses_read_converted_at_once_is_what_its_chunks_one_by_one_give(c
         framing = responses_framing(config)
         reference = one_chunk_at_a_time(framing, raw)
         assert framing.sent == reference[0].count(b"\n\n")
+        assert one_chunk_at_a_time(responses_framing(config, Feeding), raw) == reference, raw
         framing = responses_framing(config)
         converted_run = framing.convert_run
         framing.convert_run = lambda block: (taken := converted_run(block)) is not None and taken.count(b"\n\n") > 1 \
@@ -706,9 +741,13 @@ def random_token_stream_datas(rng):
     no id), and chunks of other shapes."""
     datas = [vllm_chunk_bytes({"role": "assistant", "content": ""}).replace(b'"token_ids":null}]',
                                                                             b'"token_ids":null}],"prompt_token_ids":[1,2,3]')]
-    for _ in range(rng.randint(0, 60)):
+    think = think_texts(rng)
+    for position in range(rng.randint(0, 60)):
         text = "".join(rng.choice(PLAIN_TEXT if rng.random() < 0.95 else SPECIAL_TEXT) for _ in range(rng.randint(0, 3)))
         token_id = rng.randint(0, 200_000)
+        if position in think:
+            datas.append(vllm_token_chunk_bytes(think[position], token_id))
+            continue
         kind = rng.random() * 1.6 - 0.6  # mostly (and all below 0.75) the chunk of nearly every token
         if kind < 0.75:
             datas.append(vllm_token_chunk_bytes(text or "t", token_id, rng.choice([-0.5, rng.uniform(-30, 0), *ODD_LOGPROBS])))
@@ -740,16 +779,6 @@ def random_token_stream_datas(rng):
             datas.append(vllm_token_chunk_bytes(text or "t", token_id, finish_reason="stop"))
     datas.append(vllm_token_chunk_bytes("end", 5, finish_reason=rng.choice(["stop", "length"])))
     return datas
-
-
-class Feeding(gym_vllm._ResponsesSSE):
-    """The reference: every chunk decoded and fed to the machine, no shortcut and no run."""
-
-    def convert(self, data):
-        return self._written(self.machine.feed(gym_vllm._parse_chunk(data)))
-
-    def run_in(self, block):
-        return 0, 0
 
 
 TOKEN_STREAMS = [(TRAIN, {"input": "q", "stream": True}),
@@ -798,3 +827,21 @@ def test_a_token_id_stream_gives_the_ids_and_log_probs_it_carried():
     assert final["generation_token_ids"] == [100 + i for i in range(12)] + [99]
     assert final["generation_log_probs"] == [-i / 8 for i in range(12)] + [-2.0]
     assert final["prompt_token_ids"] == [1, 2] and final["content"][0]["text"] == "".join(f"w{i}" for i in range(12))
+
+
+def test_a_long_reasoning_block_is_held_in_pieces_not_copied_whole_at_every_chunk():
+    """Each chunk of a leading `<think>` block is kept as a piece and only its text (with the block's last characters)
+    searched for `</think>`: before, the held text was copied and searched whole at every chunk, so that a block of n
+    chunks cost n squared."""
+    machine = gym_vllm.ResponsesStream({"input": "q", "stream": True}, BASE)
+    machine.start()
+    assert machine.feed(chunk({"content": "<think>"})) == []
+    steps = [f"step {i} </thin" if i % 7 == 0 else f"step {i} <" for i in range(5000)]
+    for step in steps:
+        assert machine.feed(chunk({"content": step})) == []
+    assert machine.held == "<think>" and len(machine.held_pieces) == 5000
+    events = machine.feed(chunk({"content": "</think>the answer"}))
+    reasoning = next(e for e in events if e["type"] == "response.output_item.added")
+    assert reasoning["item"]["type"] == "reasoning"
+    assert [e["text"] for e in events if e["type"] == "response.reasoning_text.done"] == ["".join(steps)]
+    assert [e["delta"] for e in events if e["type"] == "response.output_text.delta"] == ["the answer"]
