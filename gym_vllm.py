@@ -1849,7 +1849,10 @@ class ResponsesStream:
         self.held = ""                         # text held back while a leading <think> may still come or close
         self.held_pieces: list[str] = []       # and what came after it inside the block, not yet joined
         self.think_tail = ""                   # the block's last characters, where a `</think>` may have begun
-        self.upstream_reasoning = ""           # vLLM's own reasoning field, when its parser ran
+        # vLLM's own reasoning field, when its parser ran, and the open function call's arguments: kept as pieces,
+        # joined once (str += copies the whole text at every chunk, a cost that grows with the square of its length)
+        self.upstream_reasoning: list[str] = []
+        self.arguments: list[str] = []
         self.think_block: str | None = None    # the leading <think> block, once closed
         self.finish_reason: str | None = None
         self.usage: dict | None = None
@@ -1946,7 +1949,7 @@ class ResponsesStream:
         # vLLM's own reasoning parser split it already: it becomes the first reasoning block (as non-streaming).
         if self.phase == "text" or not isinstance(text, str):
             raise _malformed("choices[0].delta.reasoning", "reasoning that precedes all content")
-        self.upstream_reasoning += text
+        self.upstream_reasoning.append(text)
 
     def _text(self, events: list, text: str) -> None:
         if self.phase == "text":
@@ -2017,11 +2020,12 @@ class ResponsesStream:
                     "name": function.get("name") or "", "arguments": ""}
             self._add_item(events, item)
             self.tool_index = index
+            self.arguments = []
         arguments = function.get("arguments")
         if arguments:
             if not isinstance(arguments, str):
                 raise _malformed("choices[0].delta.tool_calls[].function.arguments", "a string")
-            self.open_item["arguments"] += arguments
+            self.arguments.append(arguments)
             self._event(events, "response.function_call_arguments.delta", item_id=self.open_item["id"],
                         output_index=len(self.output) - 1, delta=arguments)
 
@@ -2035,8 +2039,8 @@ class ResponsesStream:
     def _open_reasoning(self, events: list) -> None:
         """Sends the whole reasoning item (content parts, then summary parts); its `done` waits for the next item."""
         self._close_open_item(events)
-        blocks = [text for text in (self.upstream_reasoning or None, self.think_block) if text is not None]
-        self.upstream_reasoning, self.think_block = "", None
+        blocks = [text for text in ("".join(self.upstream_reasoning) or None, self.think_block) if text is not None]
+        self.upstream_reasoning, self.think_block = [], None
         item = {"id": _new_id("rs"), "type": "reasoning", "status": "in_progress", "encrypted_content": None,
                 "summary": [], "content": []}
         self._add_item(events, item)
@@ -2106,6 +2110,7 @@ class ResponsesStream:
             self._event(events, "response.content_part.done", **where, content_index=0, part=part)
             item["content"] = [part]
         elif item["type"] == "function_call":
+            item["arguments"] = "".join(self.arguments)
             self._event(events, "response.function_call_arguments.done", **where, name=item["name"], arguments=item["arguments"])
         item["status"] = status
         self.open_item = None
@@ -2152,6 +2157,8 @@ class ResponsesStream:
             self.open_item["status"] = "incomplete"
             if self.open_item["type"] == "message":
                 self.open_item["content"] = [{"type": "output_text", "text": "".join(self.message_text), "annotations": [], "logprobs": []}]
+            elif self.open_item["type"] == "function_call":
+                self.open_item["arguments"] = "".join(self.arguments)
         self._event(events, "error", code=error.code, message=error.message, param=error.param)
         final = self._snapshot("failed")
         final["error"] = {"code": "server_error", "message": error.message}

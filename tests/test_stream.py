@@ -845,3 +845,29 @@ def test_a_long_reasoning_block_is_held_in_pieces_not_copied_whole_at_every_chun
     assert reasoning["item"]["type"] == "reasoning"
     assert [e["text"] for e in events if e["type"] == "response.reasoning_text.done"] == ["".join(steps)]
     assert [e["delta"] for e in events if e["type"] == "response.output_text.delta"] == ["the answer"]
+
+
+def test_long_reasoning_from_vllms_parser_and_long_arguments_are_kept_in_pieces():
+    """vLLM's own reasoning deltas and a function call's argument deltas are kept as pieces and joined once (+= on a str
+    copied the whole text at every chunk): the reasoning item and the call carry all of it, also when the stream fails
+    in the middle of the call's arguments."""
+    reasoning = [f"thought {i}. " for i in range(3000)]
+    arguments = ['{"code": "'] + [f"line {i}\\n" for i in range(3000)]
+    chunks = [chunk({"role": "assistant", "content": ""})] + [chunk({"reasoning": piece}) for piece in reasoning]
+    chunks.append(chunk({"tool_calls": [{"index": 0, "id": "call_9", "function": {"name": "run", "arguments": ""}}]}))
+    chunks += [chunk({"tool_calls": [{"index": 0, "function": {"arguments": piece}}]}) for piece in arguments]
+    for ends in ("finish", "fail"):
+        machine = gym_vllm.ResponsesStream({"input": "q", "stream": True}, BASE)
+        events = machine.start()
+        for c in chunks:
+            events += machine.feed(c)
+        assert len(machine.arguments) == len(arguments)
+        if ends == "finish":
+            events += machine.feed(chunk({}, "tool_calls")) + machine.finish()
+            final = check_lifecycle(events)
+        else:
+            events += machine.fail(gym_vllm.upstream_error("engine died"))
+            final = events[-1]["response"]
+        assert final["output"][0]["content"][0]["text"] == "".join(reasoning)
+        assert final["output"][1]["arguments"] == "".join(arguments)
+        assert "".join(e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta") == "".join(arguments)
