@@ -2886,18 +2886,39 @@ def _stream_failure(config: ServerConfig, exc: BaseException) -> ApiError:
 # "delta":{`: checked once by _CHUNK_HEAD on a chunk that decoded, its bytes then vouch for every chunk that starts
 # with them. After it, `"content":"<text>"` and one of _TEXT_CHUNK_TAILS make a chunk with nothing but that text, which
 # is valid JSON where the text has no quote, backslash or control character (_NOT_PLAIN_TEXT) and is UTF-8: such a
-# string's JSON is its bytes between quotes, as `_json_string` writes its decoded text.
+# string's JSON is its bytes between quotes, as `_json_string` writes its decoded text. A text with escapes (a newline,
+# a quote) is decoded and written again to check that its bytes are what `_json_string` writes (_escaped_chunk_texts).
 _CHUNK_HEAD = re.compile(rb'\{"id":"[^"\\\x00-\x1f]*","object":"chat\.completion\.chunk","created":[0-9]+,'
                          rb'"model":"[^"\\\x00-\x1f]*","choices":\[\{"index":0,"delta":\{')
 _TEXT_CHUNK_TAILS = (b'"},"logprobs":null,"finish_reason":null,"token_ids":null}]}',  # vLLM 0.11+
                      b'"},"logprobs":null,"finish_reason":null}]}')
 _NOT_PLAIN_TEXT = re.compile(rb'["\\\x00-\x1f]')
+
+
+def _escaped_chunk_texts(texts: Sequence[bytes]) -> str | None:
+    """The text of text chunks whose JSON strings (`texts`: their bytes between the quotes) hold escapes (a newline, a
+    quote), where each is exactly what _json_string writes of its text, as vLLM writes it: its event can then be
+    written from these bytes. None where one is not (another spelling of an escape, a raw control character, a lone
+    surrogate, a quote that ends it) or does not decode. One decoding and one encoding of them all."""
+    body = b'["%b"]' % b'","'.join(texts)
+    try:
+        values = _loads(body, sendable=True)
+        if values.__class__ is list and len(values) == len(texts) and _string_list_json(values) == body:
+            return "".join(values)
+    except (ValueError, UnicodeDecodeError):  # feed's way reports it
+        pass
+    return None
+
+
+def _string_list_json(values: list[str]) -> bytes:
+    """`_dumps(values).encode()` for a list of str: msgspec escapes every character as json does (ensure_ascii off)."""
+    return _msgspec_encode(values) if _msgspec_encode is not None else _dumps(values).encode()
 # A token-ID stream's text chunk (`return_token_ids`, log probs), as `_ResponsesSSE._token_events` takes it: after the
 # stream's head and `"content":"`, the text (plain, as above), the token's log-prob entry and its id. The pattern only
 # delimits them (an entry's token has no escape, so no `"`, and its bytes are numbers): what they hold is then decoded
 # as JSON, as decoding the chunk would (the id by int(), as JSON spells it), and a chunk whose parts do not decode goes
 # feed's way.
-_TOKEN_CHUNK_REST = re.compile(rb'([^"\\\x00-\x1f]+)"\},"logprobs":\{"content":\[(\{"token":"[^"\\\x00-\x1f]*","logprob":[-+.0-9eE]+,'
+_TOKEN_CHUNK_REST = re.compile(rb'((?:[^"\\\x00-\x1f]|\\[^\x00-\x1f])+)"\},"logprobs":\{"content":\[(\{"token":"[^"\\\x00-\x1f]*","logprob":[-+.0-9eE]+,'
                                rb'"bytes":\[[0-9,]*\],"top_logprobs":\[\]\})\]\},"finish_reason":null,"token_ids":\[(0|[1-9][0-9]*)')
 _TOKEN_CHUNK_END = b"]}]}"                       # after the id: its list, the choice, the choices and the chunk closed
 _TOKEN_READ_END = _TOKEN_CHUNK_END + b"\n\n"
@@ -2970,12 +2991,17 @@ class _ResponsesSSE:
             return None
         raw_text = data[start:len(data) - len(tail)]
         machine = self.machine
-        if not raw_text or _NOT_PLAIN_TEXT.search(raw_text) is not None or not machine.takes_or_holds_text():
+        if not raw_text or not machine.takes_or_holds_text():
             return None
-        try:
-            text = raw_text.decode()
-        except UnicodeDecodeError:  # feed's way reports it
-            return None
+        if _NOT_PLAIN_TEXT.search(raw_text) is None:
+            try:
+                text = raw_text.decode()
+            except UnicodeDecodeError:  # feed's way reports it
+                return None
+        else:
+            text = _escaped_chunk_texts((raw_text,))
+            if text is None:
+                return None
         taken = machine.take_text(text)
         if taken is None and not machine.hold_text(text):
             return None
@@ -3000,10 +3026,12 @@ class _ResponsesSSE:
             return None
         raw_text, entry, token_id = match.groups()
         try:
-            text = raw_text.decode()
+            text = raw_text.decode() if raw_text.find(b"\\") < 0 else _escaped_chunk_texts((raw_text,))
             entries = self.read_entries(b"[%b]" % entry)
             token_ids = int(token_id)
         except (ValueError, UnicodeDecodeError):  # feed's way reports it
+            return None
+        if text is None:
             return None
         taken = machine.take_text(text)
         if taken is None and not machine.hold_text(text):
@@ -3026,10 +3054,13 @@ class _ResponsesSSE:
         if not machine.takes_or_holds_text():
             return None
         try:
-            text = "".join(map(bytes.decode, raw_texts))
+            text = ("".join(map(bytes.decode, raw_texts)) if b"".join(raw_texts).find(b"\\") < 0
+                    else _escaped_chunk_texts(raw_texts))
             logprobs = self.read_entries(b"[%b]" % b",".join(entries))
             ids = list(map(int, token_ids))
         except (ValueError, UnicodeDecodeError):  # feed's way reports it
+            return None
+        if text is None:
             return None
         events = self._texts_taken(raw_texts, text)
         if events is not None and machine.collects_tokens:
@@ -3080,14 +3111,20 @@ class _ResponsesSSE:
             texts = list(map(self.cut_head, block[6:end].split(self.text_separator)))
             if self.text_joint.join(texts) != middle:
                 return None
+        if not all(texts):
+            return None
         joined = b"".join(texts)
-        if not all(texts) or _NOT_PLAIN_TEXT.search(joined) is not None:  # no newline either: one chunk per text
-            return None
-        try:
-            middle.decode()  # the texts lie between ASCII bytes here: each is UTF-8 where this is
-        except UnicodeDecodeError:
-            return None
-        return self._texts_taken(texts, joined.decode())
+        if _NOT_PLAIN_TEXT.search(joined) is None:
+            try:
+                middle.decode()  # the texts lie between ASCII bytes here: each is UTF-8 where this is
+            except UnicodeDecodeError:
+                return None
+            text: str | None = joined.decode()
+        else:
+            text = _escaped_chunk_texts(texts)
+            if text is None:
+                return None
+        return self._texts_taken(texts, text)
 
     def _convert_token_run(self, block: bytes) -> bytes | None:
         """`convert_run` for a token-ID stream: a run of its text chunks (`data: <head>"content":"<text>…]}]}\\n\\n`

@@ -378,6 +378,10 @@ def sse_of_stream(datas, config, shortcut):
 
 
 PLAIN_TEXT = ['a', 'b', ' ', 'é', '🙂', 'x\u2028', '>', '/', 'think']
+# Texts whose JSON json or vLLM would not write so (the shortcut writes events from a text's bytes only where they are
+# what _json_string writes), one that ends the string early, and canonical ones among them.
+ODD_ESCAPES = [b'"o\\/k"', b'"o\\u00e9k"', b'"o\\u000ak"', b'"o\\u001Fk"', b'"o\\u001fk"', b'"\\ud800"', b'"\\ud83d\\ude42"',
+               b'"o\\qk"', b'"o","k"', b'"o\\"', b'"o\\\\"', b'"o\\"k"', b'"\\n\\"\\\\"']
 SPECIAL_TEXT = ['"', '\\', '\n', '\t', '\x1f', '<', '<think>', '</think>']
 
 
@@ -407,7 +411,8 @@ def test_the_text_chunk_shortcut_writes_what_decoding_and_feeding_would(config):
             elif kind < 0.94:
                 datas.append(vllm_chunk_bytes({"content": text}, usage={"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}))
             elif kind < 0.96:
-                datas.append(vllm_chunk_bytes({"content": "ok"}).replace(b'"ok"', rng.choice([b'"o\xffk"', b'"o\x01k"', b'"\xed\xa0\x80"'])))
+                datas.append(vllm_chunk_bytes({"content": "ok"}).replace(b'"ok"', rng.choice([b'"o\xffk"', b'"o\x01k"', b'"\xed\xa0\x80"',
+                                                                                         *ODD_ESCAPES])))
             else:
                 datas.append(vllm_chunk_bytes({"content": text}, "stop"))
         datas.append(vllm_chunk_bytes({}, rng.choice(["stop", "length"])))
@@ -476,7 +481,7 @@ def random_stream_datas(rng, text_only=False):
         elif kind < 0.92:
             datas.append(vllm_chunk_bytes({"content": "[DONE] " + text}))  # the marker inside a text is only text
         elif kind < 0.94:
-            datas.append(vllm_chunk_bytes({"content": "ok"}).replace(b'"ok"', rng.choice([b'"o\xffk"', b'"o\x01k"'])))
+            datas.append(vllm_chunk_bytes({"content": "ok"}).replace(b'"ok"', rng.choice([b'"o\xffk"', b'"o\x01k"', *ODD_ESCAPES])))
         elif kind < 0.95:
             datas.append(b'{"error": {"message": "engine died", "type": "InternalServerError", "code": 500}}')
         elif kind < 0.96:
@@ -759,7 +764,7 @@ def random_token_stream_datas(rng):
             datas.append(vllm_token_chunk_bytes(text or "t", token_id, token_bytes=[]))
         elif kind < 0.84:  # parts the pattern delimits that do not decode, or decode otherwise
             datas.append(vllm_token_chunk_bytes("ok", 7).replace(*rng.choice([
-                (b'"ok"', b'"o\xffk"'), (b'"token_ids":[7]', b'"token_ids":[07]'), (b'"logprob":-0.5', b'"logprob":-0.5e999'),
+                (b'"ok"', b'"o\xffk"'), (b'"ok"', rng.choice(ODD_ESCAPES)), (b'"token_ids":[7]', b'"token_ids":[07]'), (b'"logprob":-0.5', b'"logprob":-0.5e999'),
                 (b'"logprob":-0.5', b'"logprob":-.5'), (b'"bytes":[111,107]', b'"bytes":[111,,107]'),
                 (b'"token":"token_id:7"', b'"token":"\xed\xa0\x80"'), (b'"token_ids":[7]', b'"token_ids":[7,8]')])))
         elif kind < 0.85:  # a character split across two chunks: valid UTF-8 together, in neither alone
