@@ -2914,13 +2914,16 @@ def _string_list_json(values: list[str]) -> bytes:
     """`_dumps(values).encode()` for a list of str: msgspec escapes every character as json does (ensure_ascii off)."""
     return _msgspec_encode(values) if _msgspec_encode is not None else _dumps(values).encode()
 # A token-ID stream's text chunk (`return_token_ids`, log probs), as `_ResponsesSSE._token_events` takes it: after the
-# stream's head and `"content":"`, the text (plain, as above), the token's log-prob entry and its id. The pattern only
+# stream's head and `"content":"`, the text (as above), its tokens' log-prob entries and their ids (one token, or a few
+# where vLLM sent several in one chunk, as it does when its engine is busy). The pattern only
 # delimits them (an entry's token has no escape, so no `"`, and its bytes are numbers): what they hold is then decoded
 # as JSON, as decoding the chunk would (the id by int(), as JSON spells it), and a chunk whose parts do not decode goes
 # feed's way.
-_TOKEN_CHUNK_REST = re.compile(rb'((?:[^"\\\x00-\x1f]|\\[^\x00-\x1f])+)"\},"logprobs":\{"content":\[(\{"token":"[^"\\\x00-\x1f]*","logprob":[-+.0-9eE]+,'
-                               rb'"bytes":\[[0-9,]*\],"top_logprobs":\[\]\})\]\},"finish_reason":null,"token_ids":\[(0|[1-9][0-9]*)')
-_TOKEN_CHUNK_END = b"]}]}"                       # after the id: its list, the choice, the choices and the chunk closed
+_LOGPROB_ENTRY = rb'\{"token":"[^"\\\x00-\x1f]*","logprob":[-+.0-9eE]+,"bytes":\[[0-9,]*\],"top_logprobs":\[\]\}'
+_TOKEN_ID = rb'(?:0|[1-9][0-9]*)'
+_TOKEN_CHUNK_REST = re.compile(rb'((?:[^"\\\x00-\x1f]|\\[^\x00-\x1f])+)"\},"logprobs":\{"content":\[(%b(?:,%b)*)\]\},'
+                               rb'"finish_reason":null,"token_ids":\[(%b(?:,%b)*)' % (_LOGPROB_ENTRY, _LOGPROB_ENTRY, _TOKEN_ID, _TOKEN_ID))
+_TOKEN_CHUNK_END = b"]}]}"                       # after the ids: their list, the choice, the choices and the chunk closed
 _TOKEN_READ_END = _TOKEN_CHUNK_END + b"\n\n"
 _TOKEN_SEPARATOR = _TOKEN_READ_END + b"data: "   # between two chunks' events in a read
 _TOKEN_RUN_LAST = b'"finish_reason":null,"token_ids":['  # ends a token-ID stream's chunks but its last (finish, usage)
@@ -3028,7 +3031,7 @@ class _ResponsesSSE:
         try:
             text = raw_text.decode() if raw_text.find(b"\\") < 0 else _escaped_chunk_texts((raw_text,))
             entries = self.read_entries(b"[%b]" % entry)
-            token_ids = int(token_id)
+            token_ids = list(map(int, token_id.split(b",")))
         except (ValueError, UnicodeDecodeError):  # feed's way reports it
             return None
         if text is None:
@@ -3038,7 +3041,7 @@ class _ResponsesSSE:
             return None
         if machine.collects_tokens:
             machine.saw_token_ids = True
-            machine.token_ids.append(token_ids)
+            machine.token_ids += token_ids
             machine.logprobs += entries
         self.token_chunks = True
         if taken is None:
@@ -3057,7 +3060,7 @@ class _ResponsesSSE:
             text = ("".join(map(bytes.decode, raw_texts)) if b"".join(raw_texts).find(b"\\") < 0
                     else _escaped_chunk_texts(raw_texts))
             logprobs = self.read_entries(b"[%b]" % b",".join(entries))
-            ids = list(map(int, token_ids))
+            ids = list(map(int, b",".join(token_ids).split(b",")))
         except (ValueError, UnicodeDecodeError):  # feed's way reports it
             return None
         if text is None:

@@ -727,14 +727,16 @@ def test_nothing_after_done_is_relayed_even_where_a_run_of_text_chunks_follows_i
 
 # --- token-ID streams: text chunks that carry their token's id and log-prob entry ----------------------------------
 
-def vllm_token_chunk_bytes(text, token_id, logprob=-0.5, token=None, token_bytes=None, top_logprobs=(), **options) -> bytes:
+def vllm_token_chunk_bytes(text, token_id, logprob=-0.5, token=None, token_bytes=None, top_logprobs=(), more_ids=(), **options) -> bytes:
     """A token-ID stream's text chunk as vLLM writes it (`return_token_ids`, `logprobs`, `return_tokens_as_token_ids`):
-    vllm-cpu.md §4b-c, the log-prob entry between the delta and the finish reason, the id after it."""
-    entry = {"token": f"token_id:{token_id}" if token is None else token, "logprob": logprob,
-             "bytes": list(text.encode()) if token_bytes is None else token_bytes, "top_logprobs": list(top_logprobs)}
+    vllm-cpu.md §4b-c, the log-prob entry between the delta and the finish reason, the id after it; with `more_ids`,
+    several tokens in one chunk, as vLLM sends them when its engine is busy."""
+    entries = [{"token": f"token_id:{token_id}" if token is None else token, "logprob": logprob,
+                "bytes": list(text.encode()) if token_bytes is None else token_bytes, "top_logprobs": list(top_logprobs)}]
+    entries += [{"token": f"token_id:{more}", "logprob": -1.25, "bytes": [], "top_logprobs": []} for more in more_ids]
     data = vllm_chunk_bytes({"content": text}, **options)
-    return data.replace(b'"logprobs":null,', b'"logprobs":%b,' % gym_vllm._dumps({"content": [entry]}).encode()).replace(
-        b'"token_ids":null', b'"token_ids":[%d]' % token_id)
+    return data.replace(b'"logprobs":null,', b'"logprobs":%b,' % gym_vllm._dumps({"content": entries}).encode()).replace(
+        b'"token_ids":null', b'"token_ids":%b' % gym_vllm._dumps([token_id, *more_ids]).encode())
 
 
 ODD_LOGPROBS = [-1.1920928955078125e-07, -20.0, -1e-05, 0.0, -3.4e-120, -9999.0]
@@ -755,7 +757,9 @@ def random_token_stream_datas(rng):
             continue
         kind = rng.random() * 1.6 - 0.6  # mostly (and all below 0.75) the chunk of nearly every token
         if kind < 0.75:
-            datas.append(vllm_token_chunk_bytes(text or "t", token_id, rng.choice([-0.5, rng.uniform(-30, 0), *ODD_LOGPROBS])))
+            more_ids = [rng.randint(0, 9) for _ in range(rng.randint(1, 3))] if rng.random() < 0.1 else ()  # a busy engine's
+            datas.append(vllm_token_chunk_bytes(text or "t", token_id, rng.choice([-0.5, rng.uniform(-30, 0), *ODD_LOGPROBS]),
+                                                more_ids=more_ids))
         elif kind < 0.78:
             datas.append(vllm_token_chunk_bytes(text or "t", token_id, token=rng.choice(["a", "é", 'q"', "\n", ""])))
         elif kind < 0.8:
@@ -766,7 +770,8 @@ def random_token_stream_datas(rng):
             datas.append(vllm_token_chunk_bytes("ok", 7).replace(*rng.choice([
                 (b'"ok"', b'"o\xffk"'), (b'"ok"', rng.choice(ODD_ESCAPES)), (b'"token_ids":[7]', b'"token_ids":[07]'), (b'"logprob":-0.5', b'"logprob":-0.5e999'),
                 (b'"logprob":-0.5', b'"logprob":-.5'), (b'"bytes":[111,107]', b'"bytes":[111,,107]'),
-                (b'"token":"token_id:7"', b'"token":"\xed\xa0\x80"'), (b'"token_ids":[7]', b'"token_ids":[7,8]')])))
+                (b'"token":"token_id:7"', b'"token":"\xed\xa0\x80"'), (b'"token_ids":[7]', b'"token_ids":[7,8]'),
+                (b'"token_ids":[7]', b'"token_ids":[7,]'), (b'"token_ids":[7]', b'"token_ids":[7,08]')])))
         elif kind < 0.85:  # a character split across two chunks: valid UTF-8 together, in neither alone
             datas += [vllm_token_chunk_bytes("o", 7).replace(b'"o"', b'"o\xc3"'), vllm_token_chunk_bytes("k", 8).replace(b'"k"', b'"\xa9k"')]
         elif kind < 0.87:
@@ -820,17 +825,18 @@ def test_a_token_id_stream_relayed_by_its_shortcuts_is_what_feeding_its_chunks_g
 
 
 def test_a_token_id_stream_gives_the_ids_and_log_probs_it_carried():
-    """The token fields of a token-ID stream relayed by its shortcuts: what its chunks carried, in order."""
+    """The token fields of a token-ID stream relayed by its shortcuts: what its chunks carried, in order (one chunk
+    with three tokens)."""
     datas = [vllm_chunk_bytes({"role": "assistant", "content": ""}).replace(b'"token_ids":null}]', b'"token_ids":null}],"prompt_token_ids":[1,2]')]
-    datas += [vllm_token_chunk_bytes(f"w{i}", 100 + i, -i / 8) for i in range(12)]
+    datas += [vllm_token_chunk_bytes(f"w{i}", 100 + i, -i / 8, more_ids=(500, 501) if i == 5 else ()) for i in range(12)]
     datas.append(vllm_token_chunk_bytes("", 99, -2.0, token_bytes=[], finish_reason="length").replace(b'"content":""', b''))
     raw = sse_text(random.Random(1), datas)
     framing = responses_framing(TRAIN)
     out, failure = relayed(framing, [raw[:raw.index(b"w3")], raw[raw.index(b"w3") - 150:][150:]])  # w3 on: one read
     assert failure is None and framing.token_chunks
     final = gym_vllm._loads(out.rsplit(b"data: ", 1)[1])["response"]["output"][-1]
-    assert final["generation_token_ids"] == [100 + i for i in range(12)] + [99]
-    assert final["generation_log_probs"] == [-i / 8 for i in range(12)] + [-2.0]
+    assert final["generation_token_ids"] == [100, 101, 102, 103, 104, 105, 500, 501] + [100 + i for i in range(6, 12)] + [99]
+    assert final["generation_log_probs"] == [-i / 8 for i in range(6)] + [-1.25, -1.25] + [-i / 8 for i in range(6, 12)] + [-2.0]
     assert final["prompt_token_ids"] == [1, 2] and final["content"][0]["text"] == "".join(f"w{i}" for i in range(12))
 
 

@@ -306,8 +306,9 @@ async def test_real_stream_through_the_relay_gives_what_the_engine_wrote(vllm_en
 
 async def test_a_real_engine_stream_read_at_once_is_what_its_chunks_one_by_one_give(vllm_engine):
     """The bytes a real engine streams, in reads of several chunks (how a busy proxy reads them; a lone one reads one
-    chunk at a time), converted a run at once: byte for byte what converting each chunk on its own gives. Reads of 3:
-    the tiny model writes control characters, whose escapes send a read chunk by chunk, in about half of its chunks."""
+    chunk at a time), converted a run at once: byte for byte what converting each chunk on its own gives, and what
+    decoding and feeding each chunk gives. Reads of 3: about a fifth of the tiny model's chunks carry part of a character
+    (`"delta":{}`), which sends a read chunk by chunk."""
     config = server_config(vllm_engine, uses_reasoning_parser=False)
     request = {"input": "Tell a long story", "stream": True, "temperature": 0, "max_output_tokens": 200, "ignore_eos": True}
     chat_body = gym_vllm.responses_request_to_chat(request, config)
@@ -320,19 +321,18 @@ async def test_a_real_engine_stream_read_at_once_is_what_its_chunks_one_by_one_g
     reads = [b"".join(events[i:i + 3]) for i in range(0, len(events), 3)]
     runs = []
 
-    def framing():
+    def framing(kind=gym_vllm._ResponsesSSE):
+        gym_vllm._random_hex.clear()  # the same item ids on every side
+        random.seed(3)
         machine = gym_vllm.ResponsesStream(request, config)
         machine.created = 1.0
-        sse = gym_vllm._ResponsesSSE(machine)
+        sse = kind(machine)
         convert_run = sse.convert_run
         sse.convert_run = lambda block: (taken := convert_run(block)) is not None and runs.append(1) or taken
         return sse
 
-    gym_vllm._random_hex.clear()  # the same item ids on both sides
-    random.seed(3)
     reference = relayed(framing(), [raw], at_once=False)
-    gym_vllm._random_hex.clear()
-    random.seed(3)
+    assert relayed(framing(Feeding), [raw]) == reference
     assert relayed(framing(), reads) == reference and reference[1] is None
     assert len(runs) >= 5 and reference[0].count(b"response.output_text.delta") >= 190
 
@@ -340,8 +340,8 @@ async def test_a_real_engine_stream_read_at_once_is_what_its_chunks_one_by_one_g
 async def test_a_real_engine_token_id_stream_relayed_by_its_shortcuts_is_what_feeding_its_chunks_gives(vllm_engine):
     """A real engine's token-ID stream (`return_token_id_information`), in reads of 6 chunks: its text chunks taken one
     by one and a read's run at once give byte for byte the events, token ids and log probs that decoding and feeding
-    every chunk gives. The engine may only write the tokens of plain words (`allowed_token_ids`): the tiny model's
-    other tokens are mostly control characters, whose escaped texts go feed's way."""
+    every chunk gives. The engine may only write the tokens of plain words (`allowed_token_ids`): many of the tiny
+    model's other tokens are parts of a character (`"delta":{}`), which go feed's way."""
     config = server_config(vllm_engine, uses_reasoning_parser=False, return_token_id_information=True)
     headers = {"Authorization": f"Bearer {config.api_key}", "Content-Type": "application/json"}
     async with aiohttp.ClientSession() as http:
