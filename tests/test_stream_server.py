@@ -338,10 +338,11 @@ async def test_a_real_engine_stream_read_at_once_is_what_its_chunks_one_by_one_g
 
 
 async def test_a_real_engine_token_id_stream_relayed_by_its_shortcuts_is_what_feeding_its_chunks_gives(vllm_engine):
-    """A real engine's token-ID stream (`return_token_id_information`), in reads of 6 chunks: its text chunks taken one
-    by one and a read's run at once give byte for byte the events, token ids and log probs that decoding and feeding
-    every chunk gives. The engine may only write the tokens of plain words (`allowed_token_ids`): many of the tiny
-    model's other tokens are parts of a character (`"delta":{}`), which go feed's way."""
+    """A real engine's token-ID streams (`return_token_id_information`), 4 at once (a busy engine sends several tokens in
+    some chunks), in reads of 6 chunks: their text chunks taken one by one and a read's run at once give byte for byte
+    the events, token ids and log probs that decoding and feeding every chunk gives. The engine may only write the
+    tokens of plain words (`allowed_token_ids`): many of the tiny model's other tokens are parts of a character
+    (`"delta":{}`), which go feed's way."""
     config = server_config(vllm_engine, uses_reasoning_parser=False, return_token_id_information=True)
     headers = {"Authorization": f"Bearer {config.api_key}", "Content-Type": "application/json"}
     async with aiohttp.ClientSession() as http:
@@ -351,26 +352,31 @@ async def test_a_real_engine_token_id_stream_relayed_by_its_shortcuts_is_what_fe
             words = (await answer.json())["tokens"]
         request = {"input": "Tell a long story", "stream": True, "temperature": 0, "max_output_tokens": 120, "ignore_eos": True,
                    "allowed_token_ids": words}
-        chat_body = gym_vllm.responses_request_to_chat(request, config)
-        async with http.post(f"{vllm_engine}/chat/completions", data=gym_vllm.request_json(chat_body), headers=headers) as answer:
-            assert answer.status == 200
-            raw = await answer.read()
-    events = [event + b"\n\n" for event in raw.split(b"\n\n") if event]
-    reads = [b"".join(events[i:i + 6]) for i in range(0, len(events), 6)]
+        chat_body = gym_vllm.request_json(gym_vllm.responses_request_to_chat(request, config))
+
+        async def stream() -> bytes:
+            async with http.post(f"{vllm_engine}/chat/completions", data=chat_body, headers=headers) as answer:
+                assert answer.status == 200
+                return await answer.read()
+
+        raws = await asyncio.gather(*(stream() for _ in range(4)))
     taken = []
-    sides = []
-    for kind in (Feeding, gym_vllm._ResponsesSSE):
-        gym_vllm._random_hex.clear()  # the same item ids on both sides
-        random.seed(3)
-        machine = gym_vllm.ResponsesStream(request, config)
-        machine.created = 1.0
-        framing = kind(machine)
-        if kind is not Feeding:
-            token_run = framing._convert_token_run
-            framing._convert_token_run = lambda block: (out := token_run(block)) is not None and taken.append(1) or out
-        sides.append(relayed(framing, reads))
-    assert sides[0] == sides[1] and sides[1][1] is None
-    assert len(taken) >= 10 and sides[1][0].count(b"response.output_text.delta") >= 110
-    final = gym_vllm._loads(sides[1][0].rsplit(b"data: ", 1)[1])["response"]["output"][-1]
-    assert len(final["generation_token_ids"]) == len(final["generation_log_probs"]) == 120
-    assert set(final["generation_token_ids"]) <= set(words) and final["prompt_token_ids"]
+    for raw in raws:
+        events = [event + b"\n\n" for event in raw.split(b"\n\n") if event]
+        reads = [b"".join(events[i:i + 6]) for i in range(0, len(events), 6)]
+        sides = []
+        for kind in (Feeding, gym_vllm._ResponsesSSE):
+            gym_vllm._random_hex.clear()  # the same item ids on both sides
+            random.seed(3)
+            machine = gym_vllm.ResponsesStream(request, config)
+            machine.created = 1.0
+            framing = kind(machine)
+            if kind is not Feeding:
+                token_run = framing._convert_token_run
+                framing._convert_token_run = lambda block: (out := token_run(block)) is not None and taken.append(1) or out
+            sides.append(relayed(framing, reads))
+        assert sides[0] == sides[1] and sides[1][1] is None
+        final = gym_vllm._loads(sides[1][0].rsplit(b"data: ", 1)[1])["response"]["output"][-1]
+        assert len(final["generation_token_ids"]) == len(final["generation_log_probs"]) == 120
+        assert set(final["generation_token_ids"]) <= set(words) and final["prompt_token_ids"]
+    assert len(taken) >= 30
