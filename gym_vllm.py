@@ -2070,26 +2070,17 @@ class ResponsesStream:
                        "output_index": len(self.output) - 1, "content_index": 0, "delta": text, "logprobs": []})
         self.sequence += 1
 
-    def takes_text(self) -> bool:
-        """Whether text that comes now is the open message's next delta (`take_text`): the phase is text and a message
-        is open."""
-        item = self.open_item
-        return self.phase == "text" and item is not None and item["type"] == "message"
-
-    def takes_or_holds_text(self) -> bool:
-        """Whether text that comes now may be taken (`take_text`) or held (`hold_text`)."""
-        return self.phase == "think" or self.takes_text()
-
     def take_text(self, text: str, count: int = 1) -> tuple[dict, int] | None:
         """What feed() does with `count` chunks that carry only text (no usage or finish reason; their token ids and
-        log probs the caller collects), `text` in all, where `takes_text`: the text appended, the events' sequence
-        numbers taken; returns (the message item, the first number), for the caller to write the events. None, and
-        nothing changed, where feed() has more to do."""
-        if not self.takes_text():
+        log probs the caller collects), `text` in all, where that text is the open message's next delta (the phase is
+        text and a message is open): the text appended, the events' sequence numbers taken; returns (the message item,
+        the first number), for the caller to write the events. None, and nothing changed, where feed() has more to do."""
+        item = self.open_item
+        if self.phase != "text" or item is None or item["type"] != "message":
             return None
         self.message_text.append(text)
         self.sequence += count
-        return self.open_item, self.sequence - count
+        return item, self.sequence - count
 
     def _open_message(self, events: list) -> None:
         self._close_open_item(events)
@@ -2994,7 +2985,7 @@ class _ResponsesSSE:
             return None
         raw_text = data[start:len(data) - len(tail)]
         machine = self.machine
-        if not raw_text or not machine.takes_or_holds_text():
+        if not raw_text:
             return None
         if _NOT_PLAIN_TEXT.search(raw_text) is None:
             try:
@@ -3021,9 +3012,6 @@ class _ResponsesSSE:
 
     def _token_event(self, data: bytes, start: int) -> bytes | None:
         """`_text_event` for a token-ID stream's text chunk: its text, log-prob entry and id (_TOKEN_CHUNK_REST)."""
-        machine = self.machine
-        if not machine.takes_or_holds_text():
-            return None
         match = _TOKEN_CHUNK_REST.fullmatch(data, start, len(data) - len(_TOKEN_CHUNK_END))
         if match is None:
             return None
@@ -3036,6 +3024,7 @@ class _ResponsesSSE:
             return None
         if text is None:
             return None
+        machine = self.machine
         taken = machine.take_text(text)
         if taken is None and not machine.hold_text(text):
             return None
@@ -3053,9 +3042,6 @@ class _ResponsesSSE:
     def _token_events(self, raw_texts: Sequence[bytes], entries: Sequence[bytes], token_ids: Sequence[bytes]) -> bytes | None:
         """`_token_event` for a run of chunks, their parts as _TOKEN_CHUNK_REST delimits them. Each part is decoded as
         decoding its chunk would (the texts one by one: a character split across two chunks is invalid in each)."""
-        machine = self.machine
-        if not machine.takes_or_holds_text():
-            return None
         try:
             text = ("".join(map(bytes.decode, raw_texts)) if b"".join(raw_texts).find(b"\\") < 0
                     else _escaped_chunk_texts(raw_texts))
@@ -3066,6 +3052,7 @@ class _ResponsesSSE:
         if text is None:
             return None
         events = self._texts_taken(raw_texts, text)
+        machine = self.machine
         if events is not None and machine.collects_tokens:
             machine.saw_token_ids = True
             machine.token_ids += ids
