@@ -780,7 +780,8 @@ def random_token_stream_datas(rng):
             datas.append(vllm_token_chunk_bytes(text or "t", token_id, chunk_id=rng.choice(["chatcmpl-other", "chatcmpl-7f3b"])).replace(
                 *rng.choice([(b"", b""), (b'"index":0', b'"index":1'), (b'"delta"', b'"DELTA"')])))  # the last: no text to take
         elif kind < 0.91:
-            datas.append(vllm_token_chunk_bytes("", token_id).replace(b'"delta":{"content":""}', b'"delta":{}'))  # a partial character
+            datas.append(vllm_token_chunk_bytes("", token_id).replace(  # a partial character, spelled two ways
+                *rng.choice([(b'"delta":{"content":""}', b'"delta":{}'), (b"", b"")])))
         elif kind < 0.93:
             datas.append(vllm_chunk_bytes({"tool_calls": [{"index": 0, "id": "call_1", "function": {"name": "f", "arguments": text}}]}))
         elif kind < 0.95:
