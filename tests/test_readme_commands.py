@@ -136,6 +136,8 @@ README_COMMANDS = {
         "test_collect.py::test_the_readme_command",
     ".venv/bin/python bench/bench_stream.py --tokens 256 --concurrency 1,16,64 --seconds 6": "test_readme_bench_commands",
     ".venv/bin/python bench/bench_stream.py --paired --concurrency 1,64 --seconds 5": "test_readme_bench_commands",
+    ".venv/bin/python bench/bench_stream.py --paired --token-ids --think-tokens 192 --concurrency 1,64 --seconds 5":
+        "test_readme_bench_stream_rl_command",
     ".venv/bin/python bench/bench_proxy.py --concurrency 1,64,256,1024 --seconds 5 --rounds 3": "test_readme_bench_commands",
     ".venv/bin/python bench/bench_proxy.py --paired --ids-tokens 64 --rounds 3": "test_readme_bench_paired_command",
     ".venv/bin/python bench/bench_idle.py": "test_readme_bench_commands",
@@ -283,6 +285,23 @@ def test_readme_bench_instructions_command(tmp_path):
     assert 50 < rows["gym-resp"]["k_conversion"] < rows["gym-resp"]["k_instructions"], rows
     assert "k_conversion" not in rows["passthrough"]
     assert "| gym_vllm responses | this checkout |" in result.stdout and "the conversion alone |" in result.stdout
+
+
+def test_readme_bench_stream_rl_command(tmp_path):
+    """RL streams (token IDs, a `<think>` block) paired with the pass-through: both relay the same upstream stream with
+    no error, and each gym_vllm target has its ratio per event and per stream (it sends fewer events than vLLM's chunks:
+    the block becomes one reasoning item)."""
+    command = next(c for c, r in README_COMMANDS.items() if r == "test_readme_bench_stream_rl_command")
+    out = tmp_path / "rl.json"
+    result = run_shell(f"{command.replace('.venv/bin/python', sys.executable)} {BENCH_SHORT['bench_stream.py']} --think-tokens 8 "
+                       f"--json {out}", REPO, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    rows = json.loads(out.read_text())["paired"]
+    assert sorted(r["target"] for r in rows) == ["gym-chat", "gym-resp"]
+    for row in rows:
+        assert row["errors"] == 0 and row["requests"] > 0 and row["floor_requests"] > 0, row
+        assert row["vs_passthrough"] > 0 and row["vs_passthrough_per_stream"] > 0, row
+    assert "| × per stream |" in result.stdout
 
 
 def test_readme_bench_paired_command(tmp_path):
