@@ -2904,12 +2904,13 @@ def _escaped_chunk_texts(texts: Sequence[bytes]) -> str | None:
 def _string_list_json(values: list[str]) -> bytes:
     """`_dumps(values).encode()` for a list of str: msgspec escapes every character as json does (ensure_ascii off)."""
     return _msgspec_encode(values) if _msgspec_encode is not None else _dumps(values).encode()
-# A token-ID stream's text chunk (`return_token_ids`, log probs), as `_ResponsesSSE._token_events` takes it: after the
+
+
+# A token-ID stream's text chunk (`return_token_ids`, log probs), as `_ResponsesSSE._token_event` takes it: after the
 # stream's head and `"content":"`, the text (as above), its tokens' log-prob entries and their ids (one token, or a few
-# where vLLM sent several in one chunk, as it does when its engine is busy). The pattern only
-# delimits them (an entry's token has no escape, so no `"`, and its bytes are numbers): what they hold is then decoded
-# as JSON, as decoding the chunk would (the id by int(), as JSON spells it), and a chunk whose parts do not decode goes
-# feed's way.
+# where vLLM sent several in one chunk, as it does when its engine is busy). The pattern only delimits them (an entry's
+# token has no escape, so no `"`, and its bytes are numbers): what they hold is then decoded as JSON, as decoding the
+# chunk would (the ids by int(), as JSON spells them), and a chunk whose parts do not decode goes feed's way.
 _LOGPROB_ENTRY = rb'\{"token":"[^"\\\x00-\x1f]*","logprob":[-+.0-9eE]+,"bytes":\[[0-9,]*\],"top_logprobs":\[\]\}'
 _TOKEN_ID = rb'(?:0|[1-9][0-9]*)'
 # The text: not empty, plain characters and escapes (the loop unrolled: a class repeated runs at C speed in sre, where
@@ -2933,8 +2934,10 @@ class _ResponsesSSE:
 
     A chunk that only carries the open message's next text, nearly every one, takes a shortcut: recognized by its
     bytes, its event written from them (`_CHUNK_HEAD`), byte for byte what decoding it and feeding it to the machine
-    would send, at a third of the CPU (paired against the pass-through, ~2 us less per event). A read's run of such
-    chunks, nearly all of every read, is converted at once (`run_in`, `convert_run`). `sent` counts the events written."""
+    would send, at a third of the CPU (paired against the pass-through, ~2 us less per event). So do a token-ID
+    stream's text chunks (`_TOKEN_CHUNK_REST`: their ids and log-prob entries collected), and the text of a leading
+    `<think>` block (held, nothing to send). A read's run of such chunks, nearly all of every read, is converted at
+    once (`run_in`, `convert_run`). `sent` counts the events written."""
 
     def __init__(self, machine: ResponsesStream) -> None:
         self.machine = machine
@@ -2986,7 +2989,6 @@ class _ResponsesSSE:
         else:
             return None
         raw_text = data[start:len(data) - len(tail)]
-        machine = self.machine
         if not raw_text:
             return None
         if _NOT_PLAIN_TEXT.search(raw_text) is None:
@@ -2998,6 +3000,7 @@ class _ResponsesSSE:
             text = _escaped_chunk_texts((raw_text,))
             if text is None:
                 return None
+        machine = self.machine
         taken = machine.take_text(text)
         if taken is None and not machine.hold_text(text):
             return None
@@ -3013,7 +3016,7 @@ class _ResponsesSSE:
         return b"%b%d%b%b%b" % (_TEXT_DELTA_EVENT, taken[1], self.delta_middle, raw_text, _TEXT_DELTA_END)
 
     def _token_event(self, data: bytes, start: int) -> bytes | None:
-        """`_text_event` for a token-ID stream's text chunk: its text, log-prob entry and id (_TOKEN_CHUNK_REST)."""
+        """`_text_event` for a token-ID stream's text chunk: its text, log-prob entries and ids (_TOKEN_CHUNK_REST)."""
         match = _TOKEN_CHUNK_REST.fullmatch(data, start, len(data) - len(_TOKEN_CHUNK_END))
         if match is None:
             return None
