@@ -1947,9 +1947,16 @@ class ResponsesStream:
 
     def _upstream_reasoning(self, events: list, text: str) -> None:
         # vLLM's own reasoning parser split it already: it becomes the first reasoning block (as non-streaming).
-        if self.phase == "text" or not isinstance(text, str):
+        if not isinstance(text, str) or not self.hold_reasoning(text):
             raise _malformed("choices[0].delta.reasoning", "reasoning that precedes all content")
+
+    def hold_reasoning(self, text: str) -> bool:
+        """vLLM's reasoning field (its `--reasoning-parser`) before any content: held for the reasoning item, with
+        nothing to send; False, and nothing changed, once the message has begun (feed() reports that)."""
+        if self.phase == "text":
+            return False
         self.upstream_reasoning.append(text)
+        return True
 
     def _text(self, events: list, text: str) -> None:
         if self.phase == "text":
@@ -2901,6 +2908,20 @@ def _escaped_chunk_texts(texts: Sequence[bytes]) -> str | None:
     return None
 
 
+def _chunk_text(raw_text: bytes) -> str | None:
+    """A text chunk's text from its JSON string's bytes (between the quotes), where they are what _json_string writes
+    of it (plain, or with escapes: _escaped_chunk_texts); None for an empty text (feed() sends nothing for it) or one
+    that is not so."""
+    if not raw_text:
+        return None
+    if _NOT_PLAIN_TEXT.search(raw_text) is None:
+        try:
+            return raw_text.decode()
+        except UnicodeDecodeError:  # feed's way reports it
+            return None
+    return _escaped_chunk_texts((raw_text,))
+
+
 def _string_list_json(values: list[str]) -> bytes:
     """`_dumps(values).encode()` for a list of str: msgspec escapes every character as json does (ensure_ascii off)."""
     return _msgspec_encode(values) if _msgspec_encode is not None else _dumps(values).encode()
@@ -2943,6 +2964,7 @@ class _ResponsesSSE:
         self.machine = machine
         self.sent = 0
         self.text_chunk_head: bytes | None = None  # the stream's chunk head and `"content":"`, once checked
+        self.reasoning_chunk_head: bytes | None = None  # the same and `"reasoning":"`: vLLM's reasoning field
         self.head_checked = False
         self.text_read_head = b""                  # a text chunk's event up to its text
         self.text_read_head_after = b""            # the same after the event before it
@@ -2966,9 +2988,13 @@ class _ResponsesSSE:
 
     def convert(self, data: bytes) -> bytes:
         head = self.text_chunk_head
-        if head is not None and data.startswith(head):
-            event = (self._token_event(data, len(head)) if data.endswith(_TOKEN_CHUNK_END)
-                     else self._text_event(data, len(head)))
+        if head is not None:
+            event = None
+            if data.startswith(head):
+                event = (self._token_event(data, len(head)) if data.endswith(_TOKEN_CHUNK_END)
+                         else self._text_event(data, len(head)))
+            elif self.reasoning_chunk_head is not None and data.startswith(self.reasoning_chunk_head):
+                event = self._reasoning_event(data, len(self.reasoning_chunk_head))
             if event is not None:
                 return event
         chunk = _parse_chunk(data)
@@ -2980,6 +3006,7 @@ class _ResponsesSSE:
                 self.text_read_head = b"data: " + head
                 self.text_read_head_after = b"\n\n" + self.text_read_head
                 self.cut_head = operator.itemgetter(slice(len(head), None))
+                self.reasoning_chunk_head = match.group() + b'"reasoning":"'
         return self._written(self.machine.feed(chunk))
 
     def _text_event(self, data: bytes, start: int) -> bytes | None:
@@ -2989,17 +3016,9 @@ class _ResponsesSSE:
         else:
             return None
         raw_text = data[start:len(data) - len(tail)]
-        if not raw_text:
+        text = _chunk_text(raw_text)
+        if text is None:
             return None
-        if _NOT_PLAIN_TEXT.search(raw_text) is None:
-            try:
-                text = raw_text.decode()
-            except UnicodeDecodeError:  # feed's way reports it
-                return None
-        else:
-            text = _escaped_chunk_texts((raw_text,))
-            if text is None:
-                return None
         machine = self.machine
         taken = machine.take_text(text)
         if taken is None and not machine.hold_text(text):
@@ -3017,6 +3036,25 @@ class _ResponsesSSE:
 
     def _token_event(self, data: bytes, start: int) -> bytes | None:
         """`_text_event` for a token-ID stream's text chunk: its text, log-prob entries and ids (_TOKEN_CHUNK_REST)."""
+        parts = self._token_parts(data, start)
+        if parts is None:
+            return None
+        raw_text, text, entries, token_ids = parts
+        machine = self.machine
+        taken = machine.take_text(text)
+        if taken is None and not machine.hold_text(text):
+            return None
+        self._collect(entries, token_ids)
+        self.token_chunks = True
+        if taken is None:
+            return b""
+        self._set_delta_item(taken[0])
+        self.sent += 1
+        return b"%b%d%b%b%b" % (_TEXT_DELTA_EVENT, taken[1], self.delta_middle, raw_text, _TEXT_DELTA_END)
+
+    def _token_parts(self, data: bytes, start: int) -> tuple[bytes, str, list, list[int]] | None:
+        """A token-ID chunk's text (as its bytes and decoded), log-prob entries and ids (_TOKEN_CHUNK_REST), each
+        decoded as decoding the chunk would; None where the chunk is of another shape or a part does not decode."""
         match = _TOKEN_CHUNK_REST.fullmatch(data, start, len(data) - len(_TOKEN_CHUNK_END))
         if match is None:
             return None
@@ -3027,22 +3065,33 @@ class _ResponsesSSE:
             token_ids = [int(token_id)] if token_id.find(b",") < 0 else list(map(int, token_id.split(b",")))
         except (ValueError, UnicodeDecodeError):  # feed's way reports it
             return None
-        if text is None:
-            return None
+        return None if text is None else (raw_text, text, entries, token_ids)
+
+    def _collect(self, entries: list, token_ids: list[int]) -> None:
+        """What feed() collects of a chunk's log-prob entries and token ids (_collect_tokens)."""
         machine = self.machine
-        taken = machine.take_text(text)
-        if taken is None and not machine.hold_text(text):
-            return None
         if machine.collects_tokens:
             machine.saw_token_ids = True
             machine.token_ids += token_ids
             machine.logprobs += entries
-        self.token_chunks = True
-        if taken is None:
+
+    def _reasoning_event(self, data: bytes, start: int) -> bytes | None:
+        """A chunk of only vLLM's reasoning field, `"reasoning":"<text>"` after the stream's head (with its tokens'
+        ids and log-prob entries in a token-ID stream), recognized by its bytes: held for the reasoning item, nothing
+        to send (`hold_reasoning`), as feed() does; None where it is more (or the message has begun)."""
+        if data.endswith(_TOKEN_CHUNK_END):
+            parts = self._token_parts(data, start)
+            if parts is None or not self.machine.hold_reasoning(parts[1]):
+                return None
+            self._collect(parts[2], parts[3])
             return b""
-        self._set_delta_item(taken[0])
-        self.sent += 1
-        return b"%b%d%b%b%b" % (_TEXT_DELTA_EVENT, taken[1], self.delta_middle, raw_text, _TEXT_DELTA_END)
+        for tail in _TEXT_CHUNK_TAILS:
+            if data.endswith(tail):
+                break
+        else:
+            return None
+        text = _chunk_text(data[start:len(data) - len(tail)])
+        return b"" if text is not None and self.machine.hold_reasoning(text) else None
 
     def _token_events(self, raw_texts: Sequence[bytes], entries: Sequence[bytes], token_ids: Sequence[bytes]) -> bytes | None:
         """`_token_event` for a run of chunks, their parts as _TOKEN_CHUNK_REST delimits them. Each part is decoded as
@@ -3057,11 +3106,8 @@ class _ResponsesSSE:
         if text is None:
             return None
         events = self._texts_taken(raw_texts, text)
-        machine = self.machine
-        if events is not None and machine.collects_tokens:
-            machine.saw_token_ids = True
-            machine.token_ids += ids
-            machine.logprobs += logprobs
+        if events is not None:
+            self._collect(logprobs, ids)
         return events
 
     def _set_delta_item(self, item: dict) -> None:

@@ -459,10 +459,20 @@ def think_texts(rng):
     return texts
 
 
+def upstream_reasoning(rng):
+    """The texts of the reasoning chunks a random stream leads with, where vLLM's `--reasoning-parser` ran (a quarter
+    of them): any text, an empty one among them."""
+    if rng.random() < 0.75:
+        return []
+    return ["".join(rng.choice(PLAIN_TEXT if rng.random() < 0.9 else SPECIAL_TEXT) for _ in range(rng.randint(0, 4)))
+            for _ in range(rng.randint(1, 20))]
+
+
 def random_stream_datas(rng, text_only=False):
     """vLLM `data:` payloads of a random stream: mostly text chunks, and (unless `text_only`) chunks of other shapes;
     half of them lead with a `<think>` block (think_texts)."""
     datas = [vllm_chunk_bytes({"role": "assistant", "content": ""})]
+    datas += [vllm_chunk_bytes({"reasoning": text}) for text in upstream_reasoning(rng)]
     think = think_texts(rng)
     for position in range(rng.randint(0, 60)):
         text = "".join(rng.choice(PLAIN_TEXT if rng.random() < 0.95 else SPECIAL_TEXT) for _ in range(rng.randint(0, 4)))
@@ -727,14 +737,15 @@ def test_nothing_after_done_is_relayed_even_where_a_run_of_text_chunks_follows_i
 
 # --- token-ID streams: text chunks that carry their token's id and log-prob entry ----------------------------------
 
-def vllm_token_chunk_bytes(text, token_id, logprob=-0.5, token=None, token_bytes=None, top_logprobs=(), more_ids=(), **options) -> bytes:
+def vllm_token_chunk_bytes(text, token_id, logprob=-0.5, token=None, token_bytes=None, top_logprobs=(), more_ids=(), key="content",
+                           **options) -> bytes:
     """A token-ID stream's text chunk as vLLM writes it (`return_token_ids`, `logprobs`, `return_tokens_as_token_ids`):
     vllm-cpu.md §4b-c, the log-prob entry between the delta and the finish reason, the id after it; with `more_ids`,
     several tokens in one chunk, as vLLM sends them when its engine is busy."""
     entries = [{"token": f"token_id:{token_id}" if token is None else token, "logprob": logprob,
                 "bytes": list(text.encode()) if token_bytes is None else token_bytes, "top_logprobs": list(top_logprobs)}]
     entries += [{"token": f"token_id:{more}", "logprob": -1.25, "bytes": [], "top_logprobs": []} for more in more_ids]
-    data = vllm_chunk_bytes({"content": text}, **options)
+    data = vllm_chunk_bytes({key: text}, **options)
     return data.replace(b'"logprobs":null,', b'"logprobs":%b,' % gym_vllm._dumps({"content": entries}).encode()).replace(
         b'"token_ids":null', b'"token_ids":%b' % gym_vllm._dumps([token_id, *more_ids]).encode())
 
@@ -748,6 +759,7 @@ def random_token_stream_datas(rng):
     no id), and chunks of other shapes."""
     datas = [vllm_chunk_bytes({"role": "assistant", "content": ""}).replace(b'"token_ids":null}]',
                                                                             b'"token_ids":null}],"prompt_token_ids":[1,2,3]')]
+    datas += [vllm_token_chunk_bytes(text, rng.randint(0, 9), key="reasoning") for text in upstream_reasoning(rng)]
     think = think_texts(rng)
     for position in range(rng.randint(0, 60)):
         text = "".join(rng.choice(PLAIN_TEXT if rng.random() < 0.95 else SPECIAL_TEXT) for _ in range(rng.randint(0, 3)))
@@ -883,3 +895,44 @@ def test_long_reasoning_from_vllms_parser_and_long_arguments_are_kept_in_pieces(
         assert final["output"][0]["content"][0]["text"] == "".join(reasoning)
         assert final["output"][1]["arguments"] == "".join(arguments)
         assert "".join(e["delta"] for e in events if e["type"] == "response.function_call_arguments.delta") == "".join(arguments)
+
+
+@pytest.mark.parametrize("config", [BASE, NO_PARSER], ids=["parser", "no-parser"])
+def test_vllms_reasoning_after_the_message_began_or_without_the_parser_is_a_502_also_by_its_bytes(config):
+    """vLLM's reasoning field is held for the reasoning item only before any content; after it (or where the server does
+    not expect the field: `uses_reasoning_parser: false`) the stream fails with a 502, whether the chunk is decoded and
+    fed or recognized by its bytes (`_reasoning_event`)."""
+    datas = [vllm_chunk_bytes({"role": "assistant", "content": ""}), vllm_chunk_bytes({"reasoning": "first"}),
+             vllm_chunk_bytes({"content": "answer"}), vllm_chunk_bytes({"reasoning": "late"}), vllm_chunk_bytes({}, "stop")]
+    raw = sse_text(random.Random(2), datas)
+    sides = [one_chunk_at_a_time(responses_framing(config, kind), raw) for kind in (Feeding, gym_vllm._ResponsesSSE)]
+    assert sides[0] == sides[1]
+    status, message = sides[1][1]
+    assert status == 502 and ("precedes all content" in message if config is BASE else "--reasoning-parser" in message)
+    assert (b'"text":"first"' in sides[1][0]) == (config is BASE)
+
+
+@pytest.mark.parametrize("tokens", [False, True], ids=["text", "token-ids"])
+def test_vllms_reasoning_chunks_are_held_by_their_bytes(tokens):
+    """A stream that leads with vLLM's reasoning field (its `--reasoning-parser`, as for templates that open `<think>`
+    in the prompt): those chunks are recognized by their bytes and held, not decoded and fed, with what feeding them
+    gives (the reasoning item; with token IDs, their ids and log probs on the last item)."""
+    def chunk_of(key, text, token_id):
+        return vllm_token_chunk_bytes(text, token_id, key=key) if tokens else vllm_chunk_bytes({key: text})
+
+    datas = [vllm_chunk_bytes({"role": "assistant", "content": ""}).replace(b'"token_ids":null}]', b'"token_ids":null}],"prompt_token_ids":[1]')]
+    datas += [chunk_of("reasoning", text, 10 + i) for i, text in enumerate(["step", " one\n", ' "two"', " é"] * 5)]
+    datas += [chunk_of("content", f"w{i}", 50 + i) for i in range(6)] + [vllm_chunk_bytes({}, "stop")]
+    raw = sse_text(random.Random(3), datas)
+    config = TRAIN if tokens else BASE
+    reference = one_chunk_at_a_time(responses_framing(config, Feeding), raw)
+    framing = responses_framing(config)
+    feeds = []
+    feed = framing.machine.feed
+    framing.machine.feed = lambda chunk: feeds.append(chunk) or feed(chunk)
+    assert one_chunk_at_a_time(framing, raw) == reference and reference[1] is None
+    assert len(feeds) == 3  # the first chunk (its head), the first text (it ends the reasoning), the finish
+    final = gym_vllm._loads(reference[0].rsplit(b"data: ", 1)[1])["response"]
+    assert final["output"][0]["content"][0]["text"] == 'step one\n "two" é' * 5
+    if tokens:
+        assert final["output"][-1]["generation_token_ids"] == [*range(10, 30), *range(50, 56)]
