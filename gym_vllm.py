@@ -1945,6 +1945,14 @@ class ResponsesStream:
                            for entry in content]
             self.logprobs.extend(content)
 
+    def take_tokens(self, token_ids: list[int], entries: list) -> None:
+        """What feed() collects of a chunk whose token ids and log-prob entries the caller decoded (_collect_tokens);
+        the entries of the kind `whole_entries` says."""
+        if self.collects_tokens:
+            self.saw_token_ids = True
+            self.token_ids += token_ids
+            self.logprobs += entries
+
     def _upstream_reasoning(self, events: list, text: str) -> None:
         # vLLM's own reasoning parser split it already: it becomes the first reasoning block (as non-streaming).
         if not isinstance(text, str) or not self.hold_reasoning(text):
@@ -3044,7 +3052,7 @@ class _ResponsesSSE:
         taken = machine.take_text(text)
         if taken is None and not machine.hold_text(text):
             return None
-        self._collect(entries, token_ids)
+        self.machine.take_tokens(token_ids, entries)
         self.token_chunks = True
         if taken is None:
             return b""
@@ -3060,20 +3068,12 @@ class _ResponsesSSE:
             return None
         raw_text, entry, token_id = match.groups()
         try:
-            text = raw_text.decode() if raw_text.find(b"\\") < 0 else _escaped_chunk_texts((raw_text,))
+            text = _chunk_text(raw_text)
             entries = self.read_entries(b"[%b]" % entry)
             token_ids = [int(token_id)] if token_id.find(b",") < 0 else list(map(int, token_id.split(b",")))
         except (ValueError, UnicodeDecodeError):  # feed's way reports it
             return None
         return None if text is None else (raw_text, text, entries, token_ids)
-
-    def _collect(self, entries: list, token_ids: list[int]) -> None:
-        """What feed() collects of a chunk's log-prob entries and token ids (_collect_tokens)."""
-        machine = self.machine
-        if machine.collects_tokens:
-            machine.saw_token_ids = True
-            machine.token_ids += token_ids
-            machine.logprobs += entries
 
     def _reasoning_event(self, data: bytes, start: int) -> bytes | None:
         """A chunk of only vLLM's reasoning field, `"reasoning":"<text>"` after the stream's head (with its tokens'
@@ -3081,9 +3081,12 @@ class _ResponsesSSE:
         to send (`hold_reasoning`), as feed() does; None where it is more (or the message has begun)."""
         if data.endswith(_TOKEN_CHUNK_END):
             parts = self._token_parts(data, start)
-            if parts is None or not self.machine.hold_reasoning(parts[1]):
+            if parts is None:
                 return None
-            self._collect(parts[2], parts[3])
+            _, text, entries, token_ids = parts
+            if not self.machine.hold_reasoning(text):
+                return None
+            self.machine.take_tokens(token_ids, entries)
             return b""
         for tail in _TEXT_CHUNK_TAILS:
             if data.endswith(tail):
@@ -3107,7 +3110,7 @@ class _ResponsesSSE:
             return None
         events = self._texts_taken(raw_texts, text)
         if events is not None:
-            self._collect(logprobs, ids)
+            self.machine.take_tokens(ids, logprobs)
         return events
 
     def _set_delta_item(self, item: dict) -> None:
@@ -3119,16 +3122,15 @@ class _ResponsesSSE:
     def run_in(self, block: bytes) -> tuple[int, int]:
         """Where a read's run of text chunks (`convert_run`) starts and ends: what comes before it (a stream's first
         chunk) and after it (its finish, usage and `[DONE]`; an event cut by the read's end) are not text chunks."""
+        tail = self.text_read_tail
+        if not (tail or self.token_chunks):
+            return 0, 0
+        start = 0 if block.startswith(self.text_read_head) else block.find(self.text_read_head_after) + 2
         if self.token_chunks:
-            start = 0 if block.startswith(self.text_read_head) else block.find(self.text_read_head_after) + 2
             last = block.rfind(_TOKEN_RUN_LAST)
             end = block.find(_TOKEN_READ_END, last) + len(_TOKEN_READ_END) if last > start else 0
             # Fewer chunks than _TOKEN_RUN_MIN: `convert` takes them one by one faster (a run's steps cost ~4 us more).
             return (start, end) if start != 1 and block.count(_TOKEN_READ_END, start, end) >= _TOKEN_RUN_MIN else (0, 0)
-        tail = self.text_read_tail
-        if not tail:
-            return 0, 0
-        start = 0 if block.startswith(self.text_read_head) else block.find(self.text_read_head_after) + 2
         end = block.rfind(tail) + len(tail)
         # Shorter than two text chunks (a head, a byte of text and a tail each): one at most, which `convert` takes faster.
         return (start, end) if start != 1 and end - start >= 2 * (len(self.text_read_head) + 1 + len(tail)) else (0, 0)
