@@ -65,15 +65,28 @@ TARGETS = (*REQUEST_TARGETS, *STREAM_TARGETS)
 STREAM_TOKENS = 256
 
 
-def proxy_child(workdir: Path, label: str, proxy: str, upstream_port: int, port: int, src: str | None) -> tuple[Child, Path]:
-    """The proxy (`passthrough`, `gym` or `gym_ids`) on `port` (the benchmarks' own command; `src`: a gym_vllm.py to run
-    instead of ours) under callgrind with instrumentation off, and the path its dumps start with."""
+def proxy_sources(args: argparse.Namespace, proxy: str) -> list[tuple[str, str | None]]:
+    """Each source a proxy is measured from, (its name, the gym_vllm.py to run instead of ours): this checkout, and for
+    gym_vllm `--compare-src`."""
+    sources: list[tuple[str, str | None]] = [("this checkout", None)]
+    if args.compare_src and proxy != "passthrough":
+        sources.append((args.compare_src, str(Path(args.compare_src).resolve())))
+    return sources
+
+
+def start_proxy(workdir: Path, children: list[Child], label: str, proxy: str, upstream_port: int, port: int,
+                src: str | None) -> tuple[Child, Path]:
+    """The proxy (`passthrough`, `gym` or `gym_ids`) started on `port` (the benchmarks' own command; `src`: a gym_vllm.py
+    to run instead of ours) under callgrind with instrumentation off, and the path its dumps start with."""
     if proxy == "passthrough":
         child = passthrough_child(workdir, port, upstream_port)
     else:
         child = gym_child(workdir, label, upstream_port, port, token_ids=proxy == "gym_ids", launcher=src)
     dump = workdir / f"{label}.callgrind"
     child.argv = ["valgrind", "--tool=callgrind", "--instr-atstart=no", f"--callgrind-out-file={dump}", *child.argv]
+    children.append(child)
+    child.start()
+    child.wait_ready(timeout_s=180)  # start-up under valgrind
     return child, dump
 
 
@@ -277,15 +290,9 @@ def count_streams(args: argparse.Namespace, keys: list[str], workdir: Path, chil
     rows = []
     for key in keys:
         label, proxy, path = STREAM_TARGETS[key]
-        sources = [("this checkout", None)]
-        if args.compare_src and proxy != "passthrough":
-            sources.append((args.compare_src, str(Path(args.compare_src).resolve())))
-        for source, src in sources:
+        for source, src in proxy_sources(args, proxy):
             port = free_port()
-            child, dump = proxy_child(workdir, f"{key}-{len(rows)}", proxy, upstream_port, port, src)
-            children.append(child)
-            child.start()
-            child.wait_ready(timeout_s=180)
+            child, dump = start_proxy(workdir, children, f"{key}-{len(rows)}", proxy, upstream_port, port, src)
             target = bench_stream.Target(key, label, f"http://127.0.0.1:{port}{path}",
                                          responses_body if path == "/v1/responses" else chat_body, None, path == "/v1/responses")
             instructions, events, reads = asyncio.run(count_stream(target, child, dump, args.stream_requests,
@@ -312,14 +319,9 @@ def main(argv: list[str] | None = None) -> int:
         start_all([upstream_child(workdir, upstream_port, think_tokens=shape_args.think_tokens)], children)
         ports = {"upstream": upstream_port, "passthrough": port, "gym": port, "gym_ids": port}
         for target in bench_proxy.build_targets(shape_args, ports) if request_keys else []:
-            sources = [("this checkout", None)]
-            if args.compare_src and target.proxy != "passthrough":
-                sources.append((args.compare_src, str(Path(args.compare_src).resolve())))
+            sources = proxy_sources(args, target.proxy)
             for source, src in sources:
-                child, dump = proxy_child(workdir, f"{target.key}-{len(rows)}", target.proxy, upstream_port, port, src)
-                children.append(child)
-                child.start()
-                child.wait_ready(timeout_s=180)  # start-up under valgrind
+                child, dump = start_proxy(workdir, children, f"{target.key}-{len(rows)}", target.proxy, upstream_port, port, src)
                 total = asyncio.run(count(target, child, dump, args.requests, args.warmup))
                 child.stop()
                 row = {"target": target.key, "label": target.label, "shape": target.shape, "proxy": target.proxy,
