@@ -287,37 +287,37 @@ def test_readme_bench_instructions_command(tmp_path):
     assert "| gym_vllm responses | this checkout |" in result.stdout and "the conversion alone |" in result.stdout
 
 
+def paired_rows(test_name: str, extra: str, tmp_path) -> tuple[list[dict], str]:
+    """The paired rows (`--json`) and the printed table of the README's benchmark command that `test_name` tests,
+    shortened by `extra` (argparse keeps the last value of an option); it must succeed."""
+    command = next(c for c, r in README_COMMANDS.items() if r == test_name)
+    out = tmp_path / "paired.json"
+    result = run_shell(f"{command.replace('.venv/bin/python', sys.executable)} {extra} --json {out}", REPO, timeout=300)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    return json.loads(out.read_text())["paired"], result.stdout
+
+
 def test_readme_bench_stream_rl_command(tmp_path):
     """RL streams (token IDs, a `<think>` block) paired with the pass-through: both relay the same upstream stream with
     no error, and each gym_vllm target has its ratio per event and per stream (it sends fewer events than vLLM's chunks:
     the block becomes one reasoning item)."""
-    command = next(c for c, r in README_COMMANDS.items() if r == "test_readme_bench_stream_rl_command")
-    out = tmp_path / "rl.json"
-    result = run_shell(f"{command.replace('.venv/bin/python', sys.executable)} {BENCH_SHORT['bench_stream.py']} --think-tokens 8 "
-                       f"--json {out}", REPO, timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    rows = json.loads(out.read_text())["paired"]
+    rows, stdout = paired_rows("test_readme_bench_stream_rl_command", f"{BENCH_SHORT['bench_stream.py']} --think-tokens 8", tmp_path)
     assert sorted(r["target"] for r in rows) == ["gym-chat", "gym-resp"]
     for row in rows:
         assert row["errors"] == 0 and row["requests"] > 0 and row["floor_requests"] > 0, row
         assert row["vs_passthrough"] > 0 and row["vs_passthrough_per_stream"] > 0, row
-    assert "| × per stream |" in result.stdout
+    assert "| × per stream |" in stdout
 
 
 def test_readme_bench_paired_command(tmp_path):
     """Every gym_vllm target paired with the pass-through of its shape: both measured, a ratio for each."""
-    command = next(c for c, r in README_COMMANDS.items() if r == "test_readme_bench_paired_command")
-    out = tmp_path / "paired.json"
-    result = run_shell(f"{command.replace('.venv/bin/python', sys.executable)} {BENCH_SHORT['bench_proxy.py']} --seconds 1 "
-                       f"--json {out}", REPO, timeout=300)
-    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
-    rows = json.loads(out.read_text())["paired"]
+    rows, stdout = paired_rows("test_readme_bench_paired_command", f"{BENCH_SHORT['bench_proxy.py']} --seconds 1", tmp_path)
     assert sorted(r["target"] for r in rows) == ["gym-chat", "gym-resp", "gym-resp-ids", "gym-resp-tools"]
     for row in rows:
         assert row["errors"] == 0 and row["requests"] > 0 and row["floor_requests"] > 0, row
         assert row["vs_passthrough"] > 0 and len(row["vs_passthrough_rounds"]) == 2, row
         assert row["excess_ms"] == pytest.approx(row["cpu_s_per_1k"] - row["floor_cpu_s_per_1k"]), row
-    assert "| 1 | gym_vllm responses | " in result.stdout
+    assert "| 1 | gym_vllm responses | " in stdout
 
 
 def test_bench_proxy_reports_the_median_pair():

@@ -573,6 +573,20 @@ class Feeding(gym_vllm._ResponsesSSE):
         return 0, 0
 
 
+def taken_by(framing, method):
+    """What `framing.<method>` takes from now on (each result that is not None), as a list: whether a shortcut ran."""
+    taken, original = [], getattr(framing, method)
+
+    def recording(*args):
+        result = original(*args)
+        if result is not None:
+            taken.append(result)
+        return result
+
+    setattr(framing, method, recording)
+    return taken
+
+
 def responses_framing(config, kind=gym_vllm._ResponsesSSE):
     gym_vllm._random_hex.clear()  # the same item ids on both sides
     random.seed(11)
@@ -603,13 +617,10 @@ def test_a_responses_read_converted_at_once_is_what_its_chunks_one_by_one_give(c
         assert framing.sent == reference[0].count(b"\n\n")
         assert one_chunk_at_a_time(responses_framing(config, Feeding), raw) == reference, raw
         framing = responses_framing(config)
-        converted_run = framing.convert_run
-        framing.convert_run = lambda block: (taken := converted_run(block)) is not None and taken.count(b"\n\n") > 1 \
-            and runs_taken.append(1) or taken
-        runs_taken: list = []
+        converted = taken_by(framing, "convert_run")
         assert relayed(framing, random_reads(rng, raw)) == reference, raw
         assert framing.sent == reference[0].count(b"\n\n")
-        runs += len(runs_taken)
+        runs += sum(run.count(b"\n\n") > 1 for run in converted)
     assert runs > 300  # runs of several text chunks were converted at once, not all one by one
 
 
@@ -640,9 +651,7 @@ def test_a_chat_read_relayed_at_once_is_what_its_chunks_one_by_one_give():
         reference = one_chunk_at_a_time(framing, raw)
         assert framing.sent == reference[0].count(b"\n\n")
         framing = gym_vllm._ChatSSE(BASE)
-        convert_run = framing.convert_run
-        framing.convert_run = lambda block: (taken := convert_run(block)) is not None and runs_taken.append(1) or taken
-        runs_taken: list = []
+        runs_taken = taken_by(framing, "convert_run")
         out, failure = relayed(framing, random_reads(rng, raw))
         assert failure == reference[1] and framing.sent == out.count(b"\n\n")
         assert sse_events(out) == sse_events(reference[0]), raw
@@ -828,10 +837,10 @@ def test_a_token_id_stream_relayed_by_its_shortcuts_is_what_feeding_its_chunks_g
             machine.created = 1.0
             framing = kind(machine)
             if kind is not Feeding:
-                token_event, token_run = framing._token_event, framing._convert_token_run
-                framing._token_event = lambda *a: (out := token_event(*a)) is not None and taken.__setitem__("one", taken["one"] + 1) or out
-                framing._convert_token_run = lambda b: (out := token_run(b)) is not None and taken.__setitem__("runs", taken["runs"] + 1) or out
+                ones, runs = taken_by(framing, "_token_event"), taken_by(framing, "_convert_token_run")
             sides.append((relayed(framing, reads), framing.sent))
+        taken["one"] += len(ones)
+        taken["runs"] += len(runs)
         assert sides[0] == sides[1], raw
         assert sides[1][1] == sides[1][0][0].count(b"\n\n")
     assert taken["one"] > 1500 and taken["runs"] > 60, taken
