@@ -2982,6 +2982,7 @@ class _ResponsesSSE:
         self.text_separator = b""                  # that tail and the next event's start
         self.text_joint = b""                      # that tail and the next event's start up to its text
         self.token_chunks = False                  # the stream's text chunks carry token ids (_TOKEN_CHUNK_REST)
+        self.reads_at_once = True                  # see _relay_read; not a token-ID stream's (run_in counts its runs)
         # Their log-prob entries decoded as the machine keeps them (whole_entries), as _LogprobRead at half the cost.
         self.read_entries = _loads if machine.whole_entries else _read_logprob_entries
         self.delta_item: dict | None = None        # the message whose event middle is `delta_middle`
@@ -3053,7 +3054,7 @@ class _ResponsesSSE:
         if taken is None and not machine.hold_text(text):
             return None
         self.machine.take_tokens(token_ids, entries)
-        self.token_chunks = True
+        self.token_chunks, self.reads_at_once = True, False
         if taken is None:
             return b""
         self._set_delta_item(taken[0])
@@ -3219,6 +3220,8 @@ class _ChatSSE:
     """`/v1/chat/completions` framing for `_relay_stream`: vLLM's chunks as they are (reasoning rewritten), `[DONE]`
     last. `sent` counts the events written."""
 
+    reads_at_once = True  # see _relay_read
+
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
         self.relay = ChatStreamRelay(config)
@@ -3272,9 +3275,16 @@ def _relay_read(block: bytes, lines: _DataLines, framing: _ResponsesSSE | _ChatS
     """Appends to `converted` what the client gets for one read of vLLM's stream (with the line the last read left
     incomplete). The run of whole events `framing` can take at once (`run_in`, nearly all of a read) goes in one step;
     what comes before and after it, and a run it cannot take, chunk by chunk, in order (what was converted before a
-    chunk that failed stays)."""
+    chunk that failed stays). A read that is such a run and nothing else, as most are, is tried first where
+    `framing.reads_at_once` (`convert_run` checks its ends; run_in's searches and a Python frame cost 0.4-0.7 us a read:
+    at 64 streams a read holds about 2 events)."""
     if lines.pending:
         block, lines.pending = lines.pending + block, b""
+    elif framing.reads_at_once:  # nearly every read is a run and nothing else: one step, without run_in's searches
+        run = framing.convert_run(block)
+        if run is not None:
+            converted.append(run)
+            return
     start, end = framing.run_in(block)
     if start < end:
         if start:
@@ -3285,6 +3295,8 @@ def _relay_read(block: bytes, lines: _DataLines, framing: _ResponsesSSE | _ChatS
         run = framing.convert_run(block[start:end] if start or end < len(block) else block)
         if run is not None:
             converted.append(run)
+            if end == len(block):  # nearly every read: nothing after the run
+                return
             block = block[end:]
         else:
             block = block[start:]
@@ -3318,17 +3330,17 @@ async def _relay_stream(context: RequestContext, upstream: aiohttp.ClientRespons
             lines = _DataLines()
             try:
                 async for block in upstream.content.iter_any():
-                    if _client_gone(request):
-                        raise ConnectionResetError("client disconnected")
                     converted: list[bytes] = []
                     try:
                         _relay_read(block, lines, framing, converted)
                     finally:  # what was converted goes out, even when a later chunk of the read failed
                         payload = b"".join(converted)
-                        if payload:  # not a read of reasoning held back, with nothing to send yet
+                        if payload:  # a write to a client that is gone raises ConnectionResetError
                             await response.write(payload)
                             events[path] += framing.sent
                             framing.sent = 0
+                    if not payload and _client_gone(request):  # reasoning held back: no write tells
+                        raise ConnectionResetError("client disconnected")
                     if lines.done:
                         break
                 else:

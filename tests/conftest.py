@@ -180,9 +180,11 @@ class FakeUpstream:
 
         prompt = {"prompt_token_ids": [1, 2, 3, 4]} if body.get("return_token_ids") else {}
         await send({"role": "assistant", "content": ""}, **prompt)
-        if command == "slow":  # streams for 10 s unless the proxy hangs up first
+        if command in ("slow", "slow_think"):  # streams for 10 s unless the proxy hangs up first
             self.stream_closed = None
             try:
+                if command == "slow_think":  # a reasoning block that never ends: the proxy holds it, sending nothing
+                    await send({"content": "<think>"})
                 for _ in range(200):
                     await send({"content": "x"})
                     await asyncio.sleep(0.05)

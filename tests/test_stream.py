@@ -624,6 +624,23 @@ def test_a_responses_read_converted_at_once_is_what_its_chunks_one_by_one_give(c
     assert runs > 300  # runs of several text chunks were converted at once, not all one by one
 
 
+@pytest.mark.parametrize("config, chunk, runs_counted", [(BASE, lambda i: vllm_chunk_bytes({"content": f"w{i}"}), 0),
+                                                          (TRAIN, lambda i: vllm_token_chunk_bytes(f"w{i}", i), 2)],
+                         ids=["text", "token-ids"])
+def test_a_read_that_is_one_run_is_taken_at_once_without_looking_for_the_run(config, chunk, runs_counted):
+    """Most reads are a run of text chunks and nothing else: `convert_run` takes such a read first, with no `run_in`
+    (its searches cost more than the run at 64 streams, where a read holds about two events). Not in a token-ID
+    stream, whose runs of fewer than _TOKEN_RUN_MIN chunks go one by one faster: `run_in` counts them first."""
+    framing = responses_framing(config)
+    first = b"".join(b"data: %b\n\n" % chunk(i) for i in range(2))
+    reads = [b"data: %b\n\n" % vllm_chunk_bytes({"role": "assistant", "content": ""}) + first,
+             b"".join(b"data: %b\n\n" % chunk(i) for i in range(2, 8)), b"data: %b\n\n" % chunk(8)]
+    looked_for, runs = taken_by(framing, "run_in"), taken_by(framing, "convert_run")
+    assert relayed(framing, reads) == one_chunk_at_a_time(responses_framing(config), b"".join(reads))
+    assert len(looked_for) == 1 + runs_counted  # the first read (the role chunk before the run): as before
+    assert [run.count(b"event: response.output_text.delta") for run in runs] == ([6] if runs_counted else [6, 1])
+
+
 def sse_events(raw):
     """A chat stream's events as values: `data:` payloads decoded (JSON whitespace aside, two spellings are one; the
     relay passes on what it need not read as it came, invalid JSON too)."""

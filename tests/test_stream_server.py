@@ -181,19 +181,26 @@ async def test_chat_stream_relay(fake_upstreams, proxy):
     assert chunks[-1].usage.total_tokens == 10
 
 
-async def test_client_disconnect_closes_the_upstream(fake_upstreams, proxy):
+@pytest.mark.parametrize("command, seen", [("slow", b"output_text.delta"), ("slow_think", b"response.in_progress")],
+                         ids=["sending", "holding-reasoning"])
+async def test_client_disconnect_closes_the_upstream(fake_upstreams, command, seen):
+    """A client that hangs up mid-stream ends the upstream request: found by the next write, or, while the proxy holds a
+    reasoning block back and writes nothing, at the next read. Served as the CLI serves (aiohttp's test server cancels
+    the handler of a client that left, which the CLI's does not)."""
     [(fake, url)] = await fake_upstreams(1)
-    base = await proxy(server_config(url))
+    runner = await gym_vllm.start_server(server_config(url), "127.0.0.1", 0)
+    base = "http://127.0.0.1:%d/v1" % runner.addresses[0][1]
     async with aiohttp.ClientSession() as http:
-        async with http.post(base + "/responses", json={"input": "slow", "stream": True}) as answer:
+        async with http.post(base + "/responses", json={"input": command, "stream": True}) as answer:
             async for line in answer.content:
-                if b"output_text.delta" in line:
+                if seen in line:
                     break
         hung_up = asyncio.get_running_loop().time()
     for _ in range(60):
         if getattr(fake, "stream_closed", None):
             break
         await asyncio.sleep(0.05)
+    await runner.cleanup()
     assert fake.stream_closed is not None and fake.stream_closed - hung_up < 2.0
 
 
