@@ -1781,18 +1781,18 @@ def context_overflow_chat_response(config: ServerConfig) -> dict:
     }
 
 
-def response_json(response: dict) -> bytes:
+def response_json(response: dict, written: dict | None = None) -> bytes:
     """A Response object (`chat_response_to_responses`, `context_overflow_response`) as JSON: exactly
     `_dumps(response).encode()`, ~3x faster with msgspec (~10x for the log probs of a token-ID reply).
 
     msgspec writes it as built except where a float can be. The envelope's own fields are built here of strings,
     integers and booleans; every other value (created_at, the echoed request parameters) as `_exact` makes it. In the
     items, built here of checked strings and integers, generation_log_probs goes through `_number_list_json`, and a
-    message that carries output-text log probs (wants_output_logprobs) through json."""
+    message that carries output-text log probs (wants_output_logprobs) through json. `written`: see _item_for_msgspec."""
     if _msgspec_encode is None:
         return _dumps(response).encode()
     exact = dict(response)
-    exact["output"] = [_item_for_msgspec(item) for item in response["output"]]
+    exact["output"] = [_item_for_msgspec(item, written) for item in response["output"]]
     for key, value in response.items():  # most values are plain: checked here before the two lookups
         if value.__class__ not in _PLAIN_VALUES and key not in _ENVELOPE_BUILT_HERE:
             exact[key] = _exact(value)
@@ -1805,14 +1805,22 @@ _ENVELOPE_BUILT_HERE = frozenset({"id", "object", "model", "status", "error", "i
                                   "parallel_tool_calls", "store", "background", "previous_response_id", "usage"})
 
 
-def _item_for_msgspec(item: dict) -> dict | Any:
+def _item_for_msgspec(item: dict, written: dict | None = None) -> dict | Any:
+    """`item` for msgspec to write as json does. `written`: the log-prob lists written so far, by id, for events written
+    together (_sse_bytes): a stream's end writes its last item twice, in output_item.done and the final response, and
+    writing the log probs of 256 tokens as json does costs ~30 us."""
     # _message_item's output_text part with log probs (a stream adds its message with no content yet)
     if item["type"] == "message" and item["content"] and item["content"][0]["logprobs"]:
         return _msgspec.Raw(_dumps(item).encode())
     log_probs = item.get("generation_log_probs")
     if log_probs is None:
         return item
-    return {**item, "generation_log_probs": _msgspec.Raw(_number_list_json(log_probs))}
+    raw = written.get(id(log_probs)) if written is not None else None
+    if raw is None:
+        raw = _msgspec.Raw(_number_list_json(log_probs))
+        if written is not None:
+            written[id(log_probs)] = raw
+    return {**item, "generation_log_probs": raw}
 
 
 # ============================================================================================
@@ -2792,8 +2800,9 @@ async def handle_chat_completions(request: web.Request) -> web.StreamResponse:
 SSE_HEADERS = {"Content-Type": "text/event-stream", "Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def _sse_event(event: dict) -> bytes:
-    """One event as SSE: exactly `event: <type>\\ndata: <_dumps(event)>\\n\\n`, written the fast way for its kind."""
+def _sse_event(event: dict, written: dict | None = None) -> bytes:
+    """One event as SSE: exactly `event: <type>\\ndata: <_dumps(event)>\\n\\n`, written the fast way for its kind.
+    `written`: see _item_for_msgspec."""
     kind = event["type"]
     if kind == "response.output_text.delta" and not event["logprobs"]:
         # The event of nearly every token: formatted directly, byte for byte what _dumps would write,
@@ -2807,9 +2816,9 @@ def _sse_event(event: dict) -> bytes:
         data = _dumps(event).encode()
     elif "response" in event:  # response.created ... completed: {type, sequence_number, response}, an envelope
         data = b'{"type":"%b","sequence_number":%d,"response":%b}' % (kind.encode(), event["sequence_number"],
-                                                                      response_json(event["response"]))
+                                                                      response_json(event["response"], written))
     elif "item" in event:  # output_item.added and .done: the item as the non-streaming reply writes it
-        data = _msgspec_encode({**event, "item": _item_for_msgspec(event["item"])})
+        data = _msgspec_encode({**event, "item": _item_for_msgspec(event["item"], written)})
     elif event.get("logprobs") or (event.get("part") or {}).get("logprobs"):  # the floats of any other event
         data = _dumps(event).encode()
     else:
@@ -2818,7 +2827,8 @@ def _sse_event(event: dict) -> bytes:
 
 
 def _sse_bytes(events: list[dict]) -> bytes:
-    return b"".join(map(_sse_event, events))
+    written: dict = {}  # the events of one call hold the same lists (ids stay valid: the events hold them)
+    return b"".join([_sse_event(event, written) for event in events])
 
 
 async def _open_sse(context: RequestContext, new_session: str | None) -> web.StreamResponse:

@@ -879,6 +879,25 @@ def test_a_token_id_stream_gives_the_ids_and_log_probs_it_carried():
     assert final["prompt_token_ids"] == [1, 2] and final["content"][0]["text"] == "".join(f"w{i}" for i in range(12))
 
 
+def test_a_streams_end_writes_its_log_probs_once(monkeypatch):
+    """The last item is in two events at a stream's end (output_item.done, the final response): its log probs, the
+    costliest part of it to write as json does, are written once for both, and both carry them."""
+    datas = [vllm_chunk_bytes({"role": "assistant", "content": ""}).replace(b'"token_ids":null}]', b'"token_ids":null}],"prompt_token_ids":[1]')]
+    datas += [vllm_token_chunk_bytes(f"w{i}", 100 + i, -i / 8 - 1e-7) for i in range(6)]
+    datas.append(vllm_token_chunk_bytes("", 99, -2.0, token_bytes=[], finish_reason="stop").replace(b'"content":""', b''))
+    framing = responses_framing(TRAIN)
+    framing.start()
+    for data in datas:
+        framing.convert(data)
+    written = []
+    monkeypatch.setattr(gym_vllm, "_number_list_json", lambda values: written.append(values) or gym_vllm._dumps(values).encode())
+    events = [gym_vllm._loads(event.split(b"\ndata: ")[1]) for event in framing.finish().split(b"\n\n")[:-1]]
+    expected = [-i / 8 - 1e-7 for i in range(6)] + [-2.0]
+    assert events[-2]["item"]["generation_log_probs"] == events[-1]["response"]["output"][-1]["generation_log_probs"] == expected
+    log_probs_written = [values for values in written if values == expected]  # (the ids are written to check them)
+    assert len(log_probs_written) == (1 if gym_vllm._msgspec else 0)  # the standard library's path writes events whole
+
+
 def test_a_long_reasoning_block_is_held_in_pieces_not_copied_whole_at_every_chunk():
     """Each chunk of a leading `<think>` block is kept as a piece and only its text (with the block's last characters)
     searched for `</think>`: before, the held text was copied and searched whole at every chunk, so that a block of n
