@@ -3078,8 +3078,8 @@ class _ResponsesSSE:
         if match is None:
             return None
         raw_text, entry, token_id = match.groups()
-        try:
-            text = _chunk_text(raw_text)
+        try:  # the pattern let no quote or control character into the text, nor an empty one: _chunk_text's checks
+            text = raw_text.decode() if raw_text.find(b"\\") < 0 else _escaped_chunk_texts((raw_text,))
             entries = self.read_entries(b"[%b]" % entry)
             token_ids = [int(token_id)] if token_id.find(b",") < 0 else list(map(int, token_id.split(b",")))
         except (ValueError, UnicodeDecodeError):  # feed's way reports it
