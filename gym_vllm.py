@@ -3643,8 +3643,11 @@ async def start_server(config: ServerConfig, host: str | None = None, port: int 
     already built with `build_app(config)` (local_vllm keeps hold of its upstreams). `workers` > 1:
     this process shares the port with the others (SO_REUSEPORT), and `metrics_dir` is their shared metrics folder.
     """
+    # handler_cancellation: a client that hangs up (a timeout, a stopped rollout run) ends its request to vLLM at once,
+    # which then stops generating for it, instead of generating to the end for nobody (aiohttp's default since 3.8
+    # leaves the handler running; its test server cancels it, as here).
     runner = web.AppRunner(app or build_app(config, workers, metrics_dir), access_log=None, handle_signals=False,
-                           shutdown_timeout=config.shutdown_timeout_s)
+                           shutdown_timeout=config.shutdown_timeout_s, handler_cancellation=True)
     await runner.setup()
     site = web.TCPSite(runner, host or config.host, config.port if port is None else port, backlog=LISTEN_BACKLOG,
                        reuse_port=workers > 1 or None)

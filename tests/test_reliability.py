@@ -135,6 +135,29 @@ async def test_shutdown_drains_in_flight_requests(fake_upstreams):
     assert status == 200 and body["output"][-1]["content"][0]["text"] == "Hello from stub"
 
 
+@pytest.mark.parametrize("body", [{"input": "hi"}, {"input": "hi", "stream": True}], ids=["reply", "stream"])
+async def test_a_client_that_gives_up_ends_its_upstream_request(fake_upstreams, body):
+    """A client that hangs up before its answer came (a timeout, a stopped rollout run) ends the request to vLLM at
+    once, which then stops generating for it (vLLM aborts a request whose connection closed), instead of vLLM
+    generating to the end for nobody. Served as the CLI serves."""
+    [(fake, url)] = await fake_upstreams(1)
+    fake.delay = 10.0
+    runner = await gym_vllm.start_server(server_config(url), "127.0.0.1", 0)
+    try:
+        async with aiohttp.ClientSession() as http:
+            with pytest.raises(asyncio.TimeoutError):
+                async with http.post("http://127.0.0.1:%d/v1/responses" % runner.addresses[0][1], json=body,
+                                     timeout=aiohttp.ClientTimeout(total=0.3)):
+                    pass
+        for _ in range(40):
+            if not fake.active:
+                break
+            await asyncio.sleep(0.05)
+        assert fake.active == 0  # the upstream request is closed, long before vLLM would have answered
+    finally:
+        await runner.cleanup()
+
+
 async def test_disconnecting_clients_leave_no_tasks_behind(fake_upstreams, proxy):
     [(fake, url)] = await fake_upstreams(1)
     fake.delay = 0.5

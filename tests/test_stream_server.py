@@ -8,6 +8,7 @@ import time
 
 import aiohttp
 import pytest
+from aiohttp import web
 
 import gym_vllm
 
@@ -184,11 +185,14 @@ async def test_chat_stream_relay(fake_upstreams, proxy):
 @pytest.mark.parametrize("command, seen", [("slow", b"output_text.delta"), ("slow_think", b"response.in_progress")],
                          ids=["sending", "holding-reasoning"])
 async def test_client_disconnect_closes_the_upstream(fake_upstreams, command, seen):
-    """A client that hangs up mid-stream ends the upstream request: found by the next write, or, while the proxy holds a
-    reasoning block back and writes nothing, at the next read. Served as the CLI serves (aiohttp's test server cancels
-    the handler of a client that left, which the CLI's does not)."""
+    """A client that hangs up mid-stream ends the upstream request, even where nothing cancels the handler (the CLI's
+    server does, test_a_client_that_gives_up_ends_its_upstream_request; an application embedding build_app in an
+    aiohttp runner of its own may not): found by the next write, or, while the proxy holds a reasoning block back and
+    writes nothing, at the next read."""
     [(fake, url)] = await fake_upstreams(1)
-    runner = await gym_vllm.start_server(server_config(url), "127.0.0.1", 0)
+    runner = web.AppRunner(gym_vllm.build_app(server_config(url)), handler_cancellation=False)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
     base = "http://127.0.0.1:%d/v1" % runner.addresses[0][1]
     async with aiohttp.ClientSession() as http:
         async with http.post(base + "/responses", json={"input": command, "stream": True}) as answer:
@@ -296,6 +300,36 @@ async def test_real_engine_aborts_when_the_client_hangs_up(vllm_engine, proxy):
     while await running_requests(vllm_engine) > 0:
         assert time.monotonic() - started < 5, "vLLM kept generating after the client hung up"
         await asyncio.sleep(0.1)
+
+
+async def generated_tokens(engine_base: str) -> float:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(engine_base.removesuffix("/v1") + "/metrics") as answer:
+            text = await answer.text()
+    return sum(float(m) for m in re.findall(r"^vllm:generation_tokens_total\{[^}]*\} (\S+)$", text, re.M))
+
+
+@pytest.mark.vllm
+async def test_real_engine_aborts_a_reply_whose_client_hung_up(vllm_engine):
+    """Not streamed either: a client that hangs up before its answer came ends the generation (the CLI's server cancels
+    the handler, which closes the request to vLLM): vLLM generates far fewer tokens than were asked for."""
+    runner = await gym_vllm.start_server(server_config(vllm_engine), "127.0.0.1", 0)
+    before = await generated_tokens(vllm_engine)
+    try:
+        async with aiohttp.ClientSession() as http:
+            body = {"input": "Hi", "max_output_tokens": 1000, "ignore_eos": True}  # ~2 s on the test machine
+            waiting = asyncio.create_task(http.post("http://127.0.0.1:%d/v1/responses" % runner.addresses[0][1], json=body))
+            started = time.monotonic()
+            while await running_requests(vllm_engine) < 1:
+                assert time.monotonic() - started < 10 and not waiting.done()
+                await asyncio.sleep(0.05)
+            waiting.cancel()  # the client hangs up
+        while await running_requests(vllm_engine) > 0:
+            assert time.monotonic() - started < 20
+            await asyncio.sleep(0.05)
+        assert await generated_tokens(vllm_engine) - before < 900, "vLLM kept generating after the client hung up"
+    finally:
+        await runner.cleanup()
 
 
 async def test_real_stream_through_the_relay_gives_what_the_engine_wrote(vllm_engine, proxy):
