@@ -2974,15 +2974,17 @@ class _ResponsesSSE:
     A chunk that only carries the open message's next text, nearly every one, takes a shortcut: recognized by its
     bytes, its event written from them (`_CHUNK_HEAD`), byte for byte what decoding it and feeding it to the machine
     would send, at a third of the CPU (paired against the pass-through, ~2 us less per event). So do a token-ID
-    stream's text chunks (`_TOKEN_CHUNK_REST`: their ids and log-prob entries collected), and the text of a leading
-    `<think>` block (held, nothing to send). A read's run of such chunks, nearly all of every read, is converted at
-    once (`run_in`, `convert_run`). `sent` counts the events written."""
+    stream's text chunks (`_TOKEN_CHUNK_REST`: their ids and log-prob entries collected), the text of a leading
+    `<think>` block and the chunks of vLLM's own reasoning field (held, nothing to send). A read's run of such chunks,
+    nearly all of every read, is converted at once (`run_in`, `convert_run`). `sent` counts the events written."""
 
     def __init__(self, machine: ResponsesStream) -> None:
         self.machine = machine
         self.sent = 0
         self.text_chunk_head: bytes | None = None  # the stream's chunk head and `"content":"`, once checked
         self.reasoning_chunk_head: bytes | None = None  # the same and `"reasoning":"`: vLLM's reasoning field
+        self.reasoning_read_head = b""             # a reasoning chunk's event up to its text
+        self.cut_reasoning_head: Callable[[bytes], bytes] = bytes  # a reasoning chunk's event from its head on -> its text
         self.head_checked = False
         self.text_read_head = b""                  # a text chunk's event up to its text
         self.text_read_head_after = b""            # the same after the event before it
@@ -2991,6 +2993,7 @@ class _ResponsesSSE:
         self.text_read_tail = b""                  # that tail and the event's end
         self.text_separator = b""                  # that tail and the next event's start
         self.text_joint = b""                      # that tail and the next event's start up to its text
+        self.reasoning_joint = b""                 # the same for a reasoning chunk
         self.token_chunks = False                  # the stream's text chunks carry token ids (_TOKEN_CHUNK_REST)
         self.reads_at_once = True                  # see _relay_read; not a token-ID stream's (run_in counts its runs)
         # Their log-prob entries decoded as the machine keeps them (whole_entries), as _LogprobRead at half the cost.
@@ -3026,6 +3029,8 @@ class _ResponsesSSE:
                 self.text_read_head_after = b"\n\n" + self.text_read_head
                 self.cut_head = operator.itemgetter(slice(len(head), None))
                 self.reasoning_chunk_head = match.group() + b'"reasoning":"'
+                self.reasoning_read_head = b"data: " + self.reasoning_chunk_head
+                self.cut_reasoning_head = operator.itemgetter(slice(len(self.reasoning_chunk_head), None))
         return self._written(self.machine.feed(chunk))
 
     def _text_event(self, data: bytes, start: int) -> bytes | None:
@@ -3043,15 +3048,20 @@ class _ResponsesSSE:
         if taken is None and not machine.hold_text(text):
             return None
         if tail is not self.text_chunk_tail:
-            self.text_chunk_tail = tail
-            self.text_read_tail = tail + b"\n\n"
-            self.text_separator = tail + b"\n\ndata: "
-            self.text_joint = self.text_separator + self.text_chunk_head
+            self._take_tail(tail)
         if taken is None:
             return b""
         self._set_delta_item(taken[0])
         self.sent += 1
         return b"%b%d%b%b%b" % (_TEXT_DELTA_EVENT, taken[1], self.delta_middle, raw_text, _TEXT_DELTA_END)
+
+    def _take_tail(self, tail: bytes) -> None:
+        """The tail this stream's text and reasoning chunks end with (one of _TEXT_CHUNK_TAILS), for their runs."""
+        self.text_chunk_tail = tail
+        self.text_read_tail = tail + b"\n\n"
+        self.text_separator = tail + b"\n\ndata: "
+        self.text_joint = self.text_separator + self.text_chunk_head
+        self.reasoning_joint = self.text_separator + self.reasoning_chunk_head
 
     def _token_event(self, data: bytes, start: int) -> bytes | None:
         """`_text_event` for a token-ID stream's text chunk: its text, log-prob entries and ids (_TOKEN_CHUNK_REST)."""
@@ -3105,7 +3115,11 @@ class _ResponsesSSE:
         else:
             return None
         text = _chunk_text(data[start:len(data) - len(tail)])
-        return b"" if text is not None and self.machine.hold_reasoning(text) else None
+        if text is None or not self.machine.hold_reasoning(text):
+            return None
+        if tail is not self.text_chunk_tail:
+            self._take_tail(tail)
+        return b""
 
     def _token_events(self, raw_texts: Sequence[bytes], entries: Sequence[bytes], token_ids: Sequence[bytes]) -> bytes | None:
         """`_token_event` for a run of chunks, their parts as _TOKEN_CHUNK_REST delimits them. Each part is decoded as
@@ -3149,21 +3163,28 @@ class _ResponsesSSE:
     def convert_run(self, block: bytes) -> bytes | None:
         """A run of text chunks of the open message (`data: <head>"content":"<text><tail>\\n\\n`, each with the
         stream's head and tail, as `convert` takes them one by one), converted at once: split in one call, checked by
-        one comparison, one search and one decoding, its events written by C loops, with no Python step per event. Byte
+        one comparison, one search and one decoding, its events written by C loops, with no Python step per event; or a
+        run of chunks of vLLM's reasoning field (`"reasoning":"<text>"` for `"content":"<text>"`), held at once. Byte
         for byte what converting its chunks one by one sends; None, with nothing changed, for anything else."""
         if self.token_chunks:
             return self._convert_token_run(block)
         tail = self.text_chunk_tail
-        if tail is None or not block.startswith(self.text_read_head) or not block.endswith(self.text_read_tail):
+        if tail is None or not block.endswith(self.text_read_tail):
+            return None
+        if block.startswith(self.text_read_head):
+            read_head, joint, cut_head = self.text_read_head, self.text_joint, self.cut_head
+        elif block.startswith(self.reasoning_read_head):
+            read_head, joint, cut_head = self.reasoning_read_head, self.reasoning_joint, self.cut_reasoning_head
+        else:
             return None
         end = len(block) - len(tail) - 2
-        middle = block[len(self.text_read_head):end]  # <text>, then `<tail>\n\ndata: <head>"content":"<text>` each
+        middle = block[len(read_head):end]  # <text>, then `<tail>\n\ndata: <head>"content":"<text>` each
         if len(middle) < 2500:
-            texts = middle.split(self.text_joint)
+            texts = middle.split(joint)
         else:  # CPython searches a separator over 100 bytes in as many with a set-up per match: split at each tail,
             # cut each head, and the texts are right where joining them back gives the middle again
-            texts = list(map(self.cut_head, block[6:end].split(self.text_separator)))
-            if self.text_joint.join(texts) != middle:
+            texts = list(map(cut_head, block[6:end].split(self.text_separator)))
+            if joint.join(texts) != middle:
                 return None
         if not all(texts):
             return None
@@ -3178,6 +3199,8 @@ class _ResponsesSSE:
             text = _escaped_chunk_texts(texts)
             if text is None:
                 return None
+        if read_head is self.reasoning_read_head:
+            return b"" if self.machine.hold_reasoning(text) else None
         return self._texts_taken(texts, text)
 
     def _convert_token_run(self, block: bytes) -> bytes | None:

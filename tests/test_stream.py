@@ -641,6 +641,27 @@ def test_a_read_that_is_one_run_is_taken_at_once_without_looking_for_the_run(con
     assert [run.count(b"event: response.output_text.delta") for run in runs] == ([6] if runs_counted else [6, 1])
 
 
+def test_a_read_of_reasoning_chunks_is_held_at_once():
+    """vLLM's own reasoning field (`--reasoning-parser`): a read of nothing but its chunks is held in one step (a run,
+    as a read of text chunks is converted), as its chunks one by one would be; the answer's first chunk then sends the
+    reasoning item whole."""
+    def reasoning(i):
+        return b"data: %b\n\n" % vllm_chunk_bytes({"reasoning": f"r{i} "})
+
+    reads = [b"data: %b\n\n" % vllm_chunk_bytes({"role": "assistant", "content": ""}) + reasoning(0),
+             b"".join(map(reasoning, range(1, 7))), reasoning(7),
+             b"".join(b"data: %b\n\n" % vllm_chunk_bytes({"content": text}) for text in ("a", "b"))
+             + b"data: %b\n\ndata: [DONE]\n\n" % vllm_chunk_bytes({}, "stop")]
+    framing = responses_framing(BASE)
+    runs = taken_by(framing, "convert_run")
+    out, failure = relayed(framing, reads)
+    assert (out, failure) == one_chunk_at_a_time(responses_framing(BASE), b"".join(reads)) and failure is None
+    assert runs == [b"", b""]  # the second read and the third: held, nothing to send yet
+    final = gym_vllm._loads(out.rsplit(b"data: ", 1)[1])["response"]
+    assert final["output"][0]["content"][0]["text"] == "".join(f"r{i} " for i in range(8))
+    assert final["output"][1]["content"][0]["text"] == "ab"
+
+
 def sse_events(raw):
     """A chat stream's events as values: `data:` payloads decoded (JSON whitespace aside, two spellings are one; the
     relay passes on what it need not read as it came, invalid JSON too)."""
