@@ -3178,7 +3178,7 @@ class _ResponsesSSE:
         else:
             return None
         end = len(block) - len(tail) - 2
-        middle = block[len(read_head):end]  # <text>, then `<tail>\n\ndata: <head>"content":"<text>` each
+        middle = block[len(read_head):end]  # <text>, then `<tail>\n\ndata: <head>"content":"<text>` (or reasoning) each
         if len(middle) < 2500:
             texts = middle.split(joint)
         else:  # CPython searches a separator over 100 bytes in as many with a set-up per match: split at each tail,
