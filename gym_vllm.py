@@ -2961,6 +2961,8 @@ _TOKEN_READ_END = _TOKEN_CHUNK_END + b"\n\n"
 _TOKEN_SEPARATOR = _TOKEN_READ_END + b"data: "   # between two chunks' events in a read
 _TOKEN_RUN_LAST = b'"finish_reason":null,"token_ids":['  # ends a token-ID stream's chunks but its last (finish, usage)
 _TOKEN_RUN_MIN = 4
+# The fewest bytes a token-ID chunk's event has after its head: a one-byte text, an entry with nothing in it, one id.
+_TOKEN_CHUNK_SHORTEST_REST = len(b'x"},"logprobs":{"content":[{}]},"finish_reason":null,"token_ids":[0]}]}\n\n')
 _TEXT_DELTA_EVENT = b'event: response.output_text.delta\ndata: {"type":"response.output_text.delta","sequence_number":'
 _TEXT_DELTA_END = b'","logprobs":[]}\n\n'
 _TEXT_DELTA_NEXT = _TEXT_DELTA_END + _TEXT_DELTA_EVENT
@@ -2994,7 +2996,7 @@ class _ResponsesSSE:
         self.text_separator = b""                  # that tail and the next event's start
         self.text_joint = b""                      # that tail and the next event's start up to its text
         self.reasoning_joint = b""                 # the same for a reasoning chunk
-        self.token_chunks = False                  # the stream's text chunks carry token ids (_TOKEN_CHUNK_REST)
+        self.token_chunks = False                  # the stream's chunks carry token ids (_TOKEN_CHUNK_REST)
         self.reads_at_once = True                  # see _relay_read; not a token-ID stream's (run_in counts its runs)
         # Their log-prob entries decoded as the machine keeps them (whole_entries), as _LogprobRead at half the cost.
         self.read_entries = _loads if machine.whole_entries else _read_logprob_entries
@@ -3108,6 +3110,7 @@ class _ResponsesSSE:
             if not self.machine.hold_reasoning(text):
                 return None
             self.machine.take_tokens(token_ids, entries)
+            self.token_chunks, self.reads_at_once = True, False
             return b""
         for tail in _TEXT_CHUNK_TAILS:
             if data.endswith(tail):
@@ -3121,9 +3124,11 @@ class _ResponsesSSE:
             self._take_tail(tail)
         return b""
 
-    def _token_events(self, raw_texts: Sequence[bytes], entries: Sequence[bytes], token_ids: Sequence[bytes]) -> bytes | None:
-        """`_token_event` for a run of chunks, their parts as _TOKEN_CHUNK_REST delimits them. Each part is decoded as
-        decoding its chunk would (the texts one by one: a character split across two chunks is invalid in each)."""
+    def _token_events(self, raw_texts: Sequence[bytes], entries: Sequence[bytes], token_ids: Sequence[bytes],
+                      reasoning: bool) -> bytes | None:
+        """`_token_event` for a run of chunks, their parts as _TOKEN_CHUNK_REST delimits them (`_reasoning_event` where
+        they are `reasoning`). Each part is decoded as decoding its chunk would (the texts one by one: a character split
+        across two chunks is invalid in each)."""
         try:
             text = ("".join(map(bytes.decode, raw_texts)) if b"".join(raw_texts).find(b"\\") < 0
                     else _escaped_chunk_texts(raw_texts))
@@ -3133,7 +3138,10 @@ class _ResponsesSSE:
             return None
         if text is None:
             return None
-        events = self._texts_taken(raw_texts, text)
+        if reasoning:
+            events = b"" if self.machine.hold_reasoning(text) else None
+        else:
+            events = self._texts_taken(raw_texts, text)
         if events is not None:
             self.machine.take_tokens(ids, logprobs)
         return events
@@ -3150,7 +3158,10 @@ class _ResponsesSSE:
         tail = self.text_read_tail
         if not (tail or self.token_chunks):
             return 0, 0
-        start = 0 if block.startswith(self.text_read_head) else block.find(self.text_read_head_after) + 2
+        if self.token_chunks and len(block) < _TOKEN_RUN_MIN * (len(self.text_read_head) + _TOKEN_CHUNK_SHORTEST_REST):
+            return 0, 0  # too short for _TOKEN_RUN_MIN chunks: not worth the searches below
+        start = (0 if block.startswith(self.text_read_head) or block.startswith(self.reasoning_read_head)
+                 else block.find(self.text_read_head_after) + 2)
         if self.token_chunks:
             last = block.rfind(_TOKEN_RUN_LAST)
             end = block.find(_TOKEN_READ_END, last) + len(_TOKEN_READ_END) if last > start else 0
@@ -3205,16 +3216,23 @@ class _ResponsesSSE:
 
     def _convert_token_run(self, block: bytes) -> bytes | None:
         """`convert_run` for a token-ID stream: a run of its text chunks (`data: <head>"content":"<text>…]}]}\\n\\n`
-        each), split at each chunk's end, each head checked and cut, the rest delimited by _TOKEN_CHUNK_REST."""
-        if not block.startswith(self.text_read_head) or not block.endswith(_TOKEN_READ_END):
+        each), or of its reasoning chunks (`"reasoning":"<text>…`), split at each chunk's end, each head checked and cut,
+        the rest delimited by _TOKEN_CHUNK_REST."""
+        if not block.endswith(_TOKEN_READ_END):
+            return None
+        if block.startswith(self.text_read_head):
+            chunk_head, cut_head = self.text_chunk_head, self.cut_head
+        elif block.startswith(self.reasoning_read_head):
+            chunk_head, cut_head = self.reasoning_chunk_head, self.cut_reasoning_head
+        else:
             return None
         chunks = block[6:-len(_TOKEN_READ_END)].split(_TOKEN_SEPARATOR)
-        if not all(map(bytes.startswith, chunks, itertools.repeat(self.text_chunk_head))):
+        if not all(map(bytes.startswith, chunks, itertools.repeat(chunk_head))):
             return None
-        matches = list(map(_TOKEN_CHUNK_REST.fullmatch, map(self.cut_head, chunks)))
+        matches = list(map(_TOKEN_CHUNK_REST.fullmatch, map(cut_head, chunks)))
         if not all(matches):
             return None
-        return self._token_events(*zip(*map(_MATCH_GROUPS, matches)))
+        return self._token_events(*zip(*map(_MATCH_GROUPS, matches)), chunk_head is self.reasoning_chunk_head)
 
     def _texts_taken(self, texts: Sequence[bytes], text: str) -> bytes | None:
         """What feed() sends for chunks of only these texts (`text`, all of them decoded): the open message's next

@@ -900,6 +900,28 @@ def test_a_token_id_stream_gives_the_ids_and_log_probs_it_carried():
     assert final["prompt_token_ids"] == [1, 2] and final["content"][0]["text"] == "".join(f"w{i}" for i in range(12))
 
 
+def test_a_token_id_streams_reasoning_chunks_are_held_as_a_run():
+    """vLLM's own reasoning field in a token-ID stream (`--reasoning-parser` with `return_token_ids`, as GRPO on a
+    thinking model runs): a read of its chunks is held as one run, their ids and log probs collected in order, byte
+    for byte what decoding and feeding every chunk gives."""
+    role = vllm_chunk_bytes({"role": "assistant", "content": ""}).replace(b'"token_ids":null}]', b'"token_ids":null}],"prompt_token_ids":[1]')
+    reads = [b"data: %b\n\n" % data for data in [role, vllm_token_chunk_bytes("r0", 10, key="reasoning")]]
+    reads.append(b"".join(b"data: %b\n\n" % vllm_token_chunk_bytes(f" r{i}", 10 + i, -i / 4, key="reasoning") for i in range(1, 7)))
+    reads.append(b"".join(b"data: %b\n\n" % data for data in [
+        vllm_token_chunk_bytes("answer", 50), vllm_token_chunk_bytes("", 51, -2.0, token_bytes=[], finish_reason="stop")
+        .replace(b'"content":""', b'')]) + b"data: [DONE]\n\n")
+    reads = [b"".join(reads[:2])] + reads[2:]
+    framing = responses_framing(TRAIN)
+    runs = taken_by(framing, "_convert_token_run")
+    out, failure = relayed(framing, reads)
+    assert (out, failure) == relayed(responses_framing(TRAIN, Feeding), reads) and failure is None
+    assert runs == [b""]  # the second read: six chunks held at once
+    final = gym_vllm._loads(out.rsplit(b"data: ", 1)[1])["response"]["output"]
+    assert final[0]["content"][0]["text"] == "r0" + "".join(f" r{i}" for i in range(1, 7))
+    assert final[-1]["generation_token_ids"] == [*range(10, 17), 50, 51]
+    assert final[-1]["generation_log_probs"] == [-0.5, *(-i / 4 for i in range(1, 7)), -0.5, -2.0]
+
+
 def test_a_streams_end_writes_its_log_probs_once(monkeypatch):
     """The last item is in two events at a stream's end (output_item.done, the final response): its log probs, the
     costliest part of it to write as json does, are written once for both, and both carry them."""
