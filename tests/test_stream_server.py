@@ -279,11 +279,16 @@ async def test_real_stream_events_tool_call_and_length_stop(vllm_engine, proxy):
     assert chunks[-1].usage.completion_tokens == 5
 
 
-async def running_requests(engine_base: str) -> float:
+async def engine_metric(engine_base: str, name: str) -> float:
+    """One of vLLM's own Prometheus figures (`vllm:<name>`), summed over its labels."""
     async with aiohttp.ClientSession() as http:
         async with http.get(engine_base.removesuffix("/v1") + "/metrics") as answer:
             text = await answer.text()
-    return sum(float(m) for m in re.findall(r"^vllm:num_requests_running\{[^}]*\} (\S+)$", text, re.M))
+    return sum(float(m) for m in re.findall(r"^vllm:%s\{[^}]*\} (\S+)$" % re.escape(name), text, re.M))
+
+
+async def running_requests(engine_base: str) -> float:
+    return await engine_metric(engine_base, "num_requests_running")
 
 
 @pytest.mark.vllm
@@ -302,19 +307,12 @@ async def test_real_engine_aborts_when_the_client_hangs_up(vllm_engine, proxy):
         await asyncio.sleep(0.1)
 
 
-async def generated_tokens(engine_base: str) -> float:
-    async with aiohttp.ClientSession() as http:
-        async with http.get(engine_base.removesuffix("/v1") + "/metrics") as answer:
-            text = await answer.text()
-    return sum(float(m) for m in re.findall(r"^vllm:generation_tokens_total\{[^}]*\} (\S+)$", text, re.M))
-
-
 @pytest.mark.vllm
 async def test_real_engine_aborts_a_reply_whose_client_hung_up(vllm_engine):
     """Not streamed either: a client that hangs up before its answer came ends the generation (the CLI's server cancels
     the handler, which closes the request to vLLM): vLLM generates far fewer tokens than were asked for."""
     runner = await gym_vllm.start_server(server_config(vllm_engine), "127.0.0.1", 0)
-    before = await generated_tokens(vllm_engine)
+    before = await engine_metric(vllm_engine, "generation_tokens_total")
     try:
         async with aiohttp.ClientSession() as http:
             body = {"input": "Hi", "max_output_tokens": 1000, "ignore_eos": True}  # ~2 s on the test machine
@@ -327,7 +325,7 @@ async def test_real_engine_aborts_a_reply_whose_client_hung_up(vllm_engine):
         while await running_requests(vllm_engine) > 0:
             assert time.monotonic() - started < 20
             await asyncio.sleep(0.05)
-        assert await generated_tokens(vllm_engine) - before < 900, "vLLM kept generating after the client hung up"
+        assert await engine_metric(vllm_engine, "generation_tokens_total") - before < 900, "vLLM kept generating after the client hung up"
     finally:
         await runner.cleanup()
 
