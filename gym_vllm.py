@@ -2997,7 +2997,6 @@ class _ResponsesSSE:
         self.text_joint = b""                      # that tail and the next event's start up to its text
         self.reasoning_joint = b""                 # the same for a reasoning chunk
         self.token_chunks = False                  # the stream's chunks carry token ids (_TOKEN_CHUNK_REST)
-        self.reads_at_once = True                  # see _relay_read; not a token-ID stream's (run_in counts its runs)
         # Their log-prob entries decoded as the machine keeps them (whole_entries), as _LogprobRead at half the cost.
         self.read_entries = _loads if machine.whole_entries else _read_logprob_entries
         self.delta_item: dict | None = None        # the message whose event middle is `delta_middle`
@@ -3075,8 +3074,8 @@ class _ResponsesSSE:
         taken = machine.take_text(text)
         if taken is None and not machine.hold_text(text):
             return None
-        self.machine.take_tokens(token_ids, entries)
-        self.token_chunks, self.reads_at_once = True, False
+        machine.take_tokens(token_ids, entries)
+        self.token_chunks = True
         if taken is None:
             return b""
         self._set_delta_item(taken[0])
@@ -3110,7 +3109,7 @@ class _ResponsesSSE:
             if not self.machine.hold_reasoning(text):
                 return None
             self.machine.take_tokens(token_ids, entries)
-            self.token_chunks, self.reads_at_once = True, False
+            self.token_chunks = True
             return b""
         for tail in _TEXT_CHUNK_TAILS:
             if data.endswith(tail):
@@ -3271,7 +3270,7 @@ class _ChatSSE:
     """`/v1/chat/completions` framing for `_relay_stream`: vLLM's chunks as they are (reasoning rewritten), `[DONE]`
     last. `sent` counts the events written."""
 
-    reads_at_once = True  # see _relay_read
+    token_chunks = False  # see _relay_read: vLLM's chunks are relayed as they are, token ids or not
 
     def __init__(self, config: ServerConfig) -> None:
         self.config = config
@@ -3326,12 +3325,13 @@ def _relay_read(block: bytes, lines: _DataLines, framing: _ResponsesSSE | _ChatS
     """Appends to `converted` what the client gets for one read of vLLM's stream (with the line the last read left
     incomplete). The run of whole events `framing` can take at once (`run_in`, nearly all of a read) goes in one step;
     what comes before and after it, and a run it cannot take, chunk by chunk, in order (what was converted before a
-    chunk that failed stays). A read that is such a run and nothing else, as most are, is tried first where
-    `framing.reads_at_once` (`convert_run` checks its ends; run_in's searches and a Python frame cost 0.4-0.7 us a read:
-    at 64 streams a read holds about 2 events)."""
+    chunk that failed stays). A read that is such a run and nothing else, as most are, is tried first (`convert_run`
+    checks its ends; run_in's searches and a Python frame cost 0.4-0.7 us a read: at 64 streams a read holds about 2
+    events), but not in a token-ID stream, whose runs of fewer than _TOKEN_RUN_MIN chunks go one by one faster:
+    `run_in` counts them first."""
     if lines.pending:
         block, lines.pending = lines.pending + block, b""
-    elif framing.reads_at_once:  # nearly every read is a run and nothing else: one step, without run_in's searches
+    elif not framing.token_chunks:  # nearly every read is a run and nothing else: one step, without run_in's searches
         run = framing.convert_run(block)
         if run is not None:
             converted.append(run)
