@@ -110,8 +110,30 @@ async def test_a_silent_stream_hits_the_idle_timeout(fake_upstreams, proxy):
         started = time.monotonic()
         async with http.post(base + "/responses", json={"input": "stall", "stream": True}) as answer:
             events = [json.loads(line[6:]) async for line in answer.content if line.startswith(b"data: ")]
-    assert time.monotonic() - started < 5
-    assert events[-1]["type"] == "response.failed" and "timeouts" in events[-2]["message"]
+    assert 0.5 <= time.monotonic() - started < 5
+    assert events[-1]["type"] == "response.failed" and events[-2]["code"] == "upstream_timeout"
+    assert events[-2]["message"] == "vLLM sent nothing for 0.5 s mid-stream (stream_idle_timeout_s of server `policy_model`, test.yaml)"
+
+
+async def test_a_streams_body_is_timed_by_one_timer_not_aiohttps_per_read_one(fake_upstreams):
+    """The idle watch switches aiohttp's read timer (`sock_read`, re-armed at every network read) off for the body it
+    takes over and ends a silent body's read itself; with no idle timeout it leaves aiohttp's timer as it is."""
+    [(_, url)] = await fake_upstreams(1)
+    body = {"model": "m", "messages": [{"role": "user", "content": "stall"}], "stream": True}  # a token, then silence
+    async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(sock_read=30)) as http:
+        for idle, read_timeout in ((0.5, None), (None, 30)):
+            async with http.post(url + "/chat/completions", json=body) as answer:
+                protocol = answer.connection.protocol
+                watch = gym_vllm._IdleWatch(answer, server_config(url, stream_idle_timeout_s=idle))
+                assert protocol.read_timeout == read_timeout
+                if idle:
+                    started = time.monotonic()
+                    with pytest.raises(gym_vllm.ApiError) as failure:
+                        async for _ in answer.content.iter_any():
+                            pass
+                    assert failure.value.status == 504 and "sent nothing for 0.5 s" in failure.value.message
+                    assert 0.4 < time.monotonic() - started < 2
+                watch.stop()
 
 
 async def test_concurrency_per_upstream_is_limited_by_queueing(fake_upstreams, proxy):

@@ -211,8 +211,10 @@ async def test_client_disconnect_closes_the_upstream(fake_upstreams, command, se
 @pytest.mark.parametrize("path, body", [("/responses", {"input": "flood", "stream": True}),
                                         ("/chat/completions", {"messages": [{"role": "user", "content": "flood"}], "stream": True})])
 async def test_a_slow_reader_stalls_the_upstream_instead_of_buffering(fake_upstreams, proxy, path, body):
+    """A client that reads nothing stalls vLLM's stream (nothing buffers without bound) and is not taken for a silent
+    engine: the 2 s it waits are four idle timeouts (0.5 s), and the stream goes on when it reads again."""
     [(fake, url)] = await fake_upstreams(1)
-    base = await proxy(server_config(url))
+    base = await proxy(server_config(url, stream_idle_timeout_s=0.5))
     async with aiohttp.ClientSession() as http:
         async with http.post(base + path, json=body) as answer:
             await answer.content.readline()
@@ -220,12 +222,14 @@ async def test_a_slow_reader_stalls_the_upstream_instead_of_buffering(fake_upstr
             stalled_at = fake.flood_sent
             await asyncio.sleep(0.5)
             assert fake.flood_sent == stalled_at < 16_000_000  # of the 64 MB the upstream wanted to send
-            received = 0
+            received, last = 0, b""
             async for data in answer.content.iter_any():  # and reading resumes the flow
                 received += len(data)
+                last = data
+                assert data.find(b"upstream_timeout") < 0
                 if received > 20_000_000:
                     break
-    assert fake.flood_sent > stalled_at
+    assert fake.flood_sent > stalled_at and last.find(b"yyyy") >= 0
 
 
 # --- real vLLM ------------------------------------------------------------------------------------
