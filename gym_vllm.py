@@ -3030,9 +3030,10 @@ class _ResponsesSSE:
         self.cut_head: Callable[[bytes], bytes] = bytes  # a text chunk's event from its head on -> its text
         self.text_chunk_tail: bytes | None = None  # which of _TEXT_CHUNK_TAILS this stream's text chunks end with
         self.text_read_tail = b""                  # that tail and the event's end
-        self.text_separator = b""                  # that tail and the next event's start
         self.text_joint = b""                      # that tail and the next event's start up to its text
         self.reasoning_joint = b""                 # the same for a reasoning chunk
+        self.cut_text: Callable[[bytes], bytes] = bytes  # a text chunk (head, text, tail) -> its text
+        self.cut_reasoning_text: Callable[[bytes], bytes] = bytes  # the same for a reasoning chunk
         self.token_chunks = False                  # the stream's chunks carry token ids (_TOKEN_CHUNK_REST)
         # Their log-prob entries decoded as the machine keeps them (whole_entries), as _LogprobRead at half the cost.
         self.read_entries = _loads if machine.whole_entries else _read_logprob_entries
@@ -3099,9 +3100,10 @@ class _ResponsesSSE:
         """The tail this stream's text and reasoning chunks end with (one of _TEXT_CHUNK_TAILS), for their runs."""
         self.text_chunk_tail = tail
         self.text_read_tail = tail + b"\n\n"
-        self.text_separator = tail + b"\n\ndata: "
-        self.text_joint = self.text_separator + self.text_chunk_head
-        self.reasoning_joint = self.text_separator + self.reasoning_chunk_head
+        self.text_joint = tail + b"\n\ndata: " + self.text_chunk_head
+        self.reasoning_joint = tail + b"\n\ndata: " + self.reasoning_chunk_head
+        self.cut_text = operator.itemgetter(slice(len(self.text_chunk_head), -len(tail)))
+        self.cut_reasoning_text = operator.itemgetter(slice(len(self.reasoning_chunk_head), -len(tail)))
 
     def _token_event(self, data: bytes, start: int) -> bytes | None:
         """`_text_event` for a token-ID stream's text chunk: its text, log-prob entries and ids (_TOKEN_CHUNK_REST)."""
@@ -3223,18 +3225,18 @@ class _ResponsesSSE:
         if tail is None or not block.endswith(self.text_read_tail):
             return None
         if block.startswith(self.text_read_head):
-            read_head, joint, cut_head = self.text_read_head, self.text_joint, self.cut_head
+            read_head, joint, cut_text = self.text_read_head, self.text_joint, self.cut_text
         elif block.startswith(self.reasoning_read_head):
-            read_head, joint, cut_head = self.reasoning_read_head, self.reasoning_joint, self.cut_reasoning_head
+            read_head, joint, cut_text = self.reasoning_read_head, self.reasoning_joint, self.cut_reasoning_text
         else:
             return None
-        end = len(block) - len(tail) - 2
-        middle = block[len(read_head):end]  # <text>, then `<tail>\n\ndata: <head>"content":"<text>` (or reasoning) each
-        if len(middle) < 2500:
+        middle = block[len(read_head):len(block) - len(tail) - 2]  # <text>, then `<tail>\n\ndata: <head><text>` each
+        if len(middle) < 800:  # up to 4 chunks: one split at the joint between two texts
             texts = middle.split(joint)
-        else:  # CPython searches a separator over 100 bytes in as many with a set-up per match: split at each tail,
-            # cut each head, and the texts are right where joining them back gives the middle again
-            texts = list(map(cut_head, block[6:end].split(self.text_separator)))
+        else:  # CPython splits at a separator this long (~200 bytes) with a set-up per match, ~0.4 us: split at each
+            # event's end instead, cut each head and tail by length, and the texts are right where joining them back
+            # gives the middle again (16 chunks 6.9 -> 3.7 us)
+            texts = list(map(cut_text, block[6:-2].split(b"\n\ndata: ")))
             if joint.join(texts) != middle:
                 return None
         if not all(texts):
