@@ -158,6 +158,7 @@ async def test_a_real_reasoning_stream_relayed_by_its_shortcuts_is_what_feeding_
                 sides.append(relayed(framing, reads))
             assert sides[0] == sides[1] and sides[1][1] is None
             assert sides[1][0].count(b"event: response.reasoning_text.done") == 1
-    # Held as runs: 225 reads of text chunks (two make a run), 10-12 of token-ID chunks, whose runs need 4 chunks (reads
-    # of 8) and no `"delta":{}` among them (the first byte of `é`, or `</think>`: decoded and fed, as is their read).
-    assert sum(map(len, held_one_by_one)) >= 100 and sum(events == b"" for run in held_as_runs for events in run) >= 5
+    # Measured (they move a little: a busy engine sends two tokens in some chunks): ~100 (text) and ~430 (token IDs)
+    # chunks held one by one; 225 reads held as runs of text chunks (two make one), 10-12 of token-ID chunks, whose runs
+    # need 4 chunks (reads of 8) and no `"delta":{}` among them (the first byte of `é`, `</think>`: decoded and fed).
+    assert sum(map(len, held_one_by_one)) >= 30 and sum(events == b"" for run in held_as_runs for events in run) >= 5
