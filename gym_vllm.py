@@ -3023,11 +3023,9 @@ class _ResponsesSSE:
         self.text_chunk_head: bytes | None = None  # the stream's chunk head and `"content":"`, once checked
         self.reasoning_chunk_head: bytes | None = None  # the same and `"reasoning":"`: vLLM's reasoning field
         self.reasoning_read_head = b""             # a reasoning chunk's event up to its text
-        self.cut_reasoning_head: Callable[[bytes], bytes] = bytes  # a reasoning chunk's event from its head on -> its text
         self.head_checked = False
         self.text_read_head = b""                  # a text chunk's event up to its text
         self.text_read_head_after = b""            # the same after the event before it
-        self.cut_head: Callable[[bytes], bytes] = bytes  # a text chunk's event from its head on -> its text
         self.text_chunk_tail: bytes | None = None  # which of _TEXT_CHUNK_TAILS this stream's text chunks end with
         self.text_read_tail = b""                  # that tail and the event's end
         self.text_joint = b""                      # that tail and the next event's start up to its text
@@ -3068,10 +3066,8 @@ class _ResponsesSSE:
                 head = self.text_chunk_head = match.group() + b'"content":"'
                 self.text_read_head = b"data: " + head
                 self.text_read_head_after = b"\n\n" + self.text_read_head
-                self.cut_head = operator.itemgetter(slice(len(head), None))
                 self.reasoning_chunk_head = match.group() + b'"reasoning":"'
                 self.reasoning_read_head = b"data: " + self.reasoning_chunk_head
-                self.cut_reasoning_head = operator.itemgetter(slice(len(self.reasoning_chunk_head), None))
         return self._written(self.machine.feed(chunk))
 
     def _text_event(self, data: bytes, start: int) -> bytes | None:
@@ -3259,20 +3255,20 @@ class _ResponsesSSE:
 
     def _convert_token_run(self, block: bytes) -> bytes | None:
         """`convert_run` for a token-ID stream: a run of its text chunks (`data: <head>"content":"<text>…]}]}\\n\\n`
-        each), or of its reasoning chunks (`"reasoning":"<text>…`), split at each chunk's end, each head checked and cut,
-        the rest delimited by _TOKEN_CHUNK_REST."""
+        each), or of its reasoning chunks (`"reasoning":"<text>…`), split at each chunk's end, each head checked,
+        what follows it delimited by _TOKEN_CHUNK_REST."""
         if not block.endswith(_TOKEN_READ_END):
             return None
         if block.startswith(self.text_read_head):
-            chunk_head, cut_head = self.text_chunk_head, self.cut_head
+            chunk_head = self.text_chunk_head
         elif block.startswith(self.reasoning_read_head):
-            chunk_head, cut_head = self.reasoning_chunk_head, self.cut_reasoning_head
+            chunk_head = self.reasoning_chunk_head
         else:
             return None
         chunks = block[6:-len(_TOKEN_READ_END)].split(_TOKEN_SEPARATOR)
         if not all(map(bytes.startswith, chunks, itertools.repeat(chunk_head))):
             return None
-        matches = list(map(_TOKEN_CHUNK_REST.fullmatch, map(cut_head, chunks)))
+        matches = list(map(_TOKEN_CHUNK_REST.fullmatch, chunks, itertools.repeat(len(chunk_head))))  # from after the head
         if not all(matches):
             return None
         return self._token_events(*zip(*map(_MATCH_GROUPS, matches)), chunk_head is self.reasoning_chunk_head)
