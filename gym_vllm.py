@@ -2892,7 +2892,7 @@ def _parse_chunk(data: bytes) -> dict:
 class _IdleWatch:
     """A stream's `stream_idle_timeout_s`, kept by one timer for its whole body. aiohttp's own (`sock_read`), which
     bounds the wait for vLLM's headers, re-arms a timer at every network read (1.6% of the relay's CPU at 64 streams,
-    py-spy): `watch_idle` switches it off for the body. The relay notes when it starts to wait for vLLM
+    py-spy): the watch switches it off for the body it takes over. The relay notes when it starts to wait for vLLM
     (`waiting_since`; None while it converts and writes, as a slow client is not a silent engine); the timer fires when
     that wait may have lasted `idle` seconds, and is set again where it has not. A wait that has ends in the stream's
     read, with the timeout's 504. Without the timeout (null) it keeps nothing."""
