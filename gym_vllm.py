@@ -3319,15 +3319,43 @@ class _ChatSSE:
         self.config = config
         self.relay = ChatStreamRelay(config)
         self.sent = 0
+        self.reasoning_head: bytes | None = None  # the stream's chunk head and `"reasoning":"`, once checked
+        self.content_head = b""                    # the same head and `"content":"`
 
     def start(self) -> bytes:
         return b""
 
     def convert(self, data: bytes) -> bytes:
         if self.relay.needs(data) or data.startswith(b'{"error"'):  # vLLM reports mid-stream failures so
-            data = _dumps(self.relay.rewrite(_parse_chunk(data))).encode()
+            data = self._reasoning_as_content(data) or self._rewritten(data)
         self.sent += 1
         return b"data: " + data + b"\n\n"
+
+    def _rewritten(self, data: bytes) -> bytes:
+        chunk = _parse_chunk(data)
+        rewritten = _dumps(self.relay.rewrite(chunk)).encode()
+        if self.reasoning_head is None and self.config.uses_reasoning_parser:  # the stream's head, checked once
+            match = _CHUNK_HEAD.match(data)
+            if match:
+                self.reasoning_head, self.content_head = match.group() + b'"reasoning":"', match.group() + b'"content":"'
+        return rewritten
+
+    def _reasoning_as_content(self, data: bytes) -> bytes | None:
+        """A chunk of only vLLM's reasoning field inside the `<think>` block its first one opened, as `rewrite` writes
+        it, from its bytes: its `"reasoning":"<text>"` after the stream's head becomes `"content":"<text>"`, the rest
+        kept (the head as _CHUNK_HEAD checked it, one of _TEXT_CHUNK_TAILS, a text as `_json_string` writes it: the
+        bytes `_dumps` writes). None for any other chunk. Decoding and writing it again cost ~4 us, this ~1 us."""
+        head = self.reasoning_head
+        if head is None or not data.startswith(head) or 0 not in self.relay.in_reasoning:
+            return None
+        for tail in _TEXT_CHUNK_TAILS:
+            if data.endswith(tail):
+                break
+        else:
+            return None
+        if _chunk_text(data[len(head):len(data) - len(tail)]) is None:
+            return None
+        return self.content_head + data[len(head):]
 
     def run_in(self, block: bytes) -> tuple[int, int]:
         """Where a read's run of whole events (`convert_run`) ends: at its last blank line, before a last `[DONE]`."""

@@ -679,27 +679,54 @@ def sse_events(raw):
     return events
 
 
+class ChatRewriting(gym_vllm._ChatSSE):
+    """The reference: every chunk with reasoning decoded and rewritten, no shortcut."""
+
+    def _reasoning_as_content(self, data):
+        return None
+
+
 def test_a_chat_read_relayed_at_once_is_what_its_chunks_one_by_one_give():
-    """A chat stream relayed read by read (runs with nothing to rewrite passed on as vLLM wrote them) sends the events
-    converting every chunk on its own sends, byte for byte where vLLM wrote them in one spelling, and counts them."""
+    """A chat stream relayed read by read (runs with nothing to rewrite passed on as vLLM wrote them, chunks of vLLM's
+    reasoning field rewritten from their bytes) sends the events that decoding and rewriting every chunk that needs it
+    on its own sends, byte for byte where vLLM wrote them in one spelling, and counts them."""
     rng = random.Random(9)
-    passed_on = 0
+    passed_on = reasoning_rewritten = 0
     for _ in range(400):
         datas = random_stream_datas(rng, text_only=rng.random() < 0.3)
         noise = rng.random() < 0.3
         raw = sse_text(rng, datas, done=rng.random() < 0.95, noise=noise)
-        framing = gym_vllm._ChatSSE(BASE)
+        framing = ChatRewriting(BASE)
         reference = one_chunk_at_a_time(framing, raw)
         assert framing.sent == reference[0].count(b"\n\n")
         framing = gym_vllm._ChatSSE(BASE)
         runs_taken = taken_by(framing, "convert_run")
+        shortcuts = taken_by(framing, "_reasoning_as_content")
         out, failure = relayed(framing, random_reads(rng, raw))
         assert failure == reference[1] and framing.sent == out.count(b"\n\n")
         assert sse_events(out) == sse_events(reference[0]), raw
         if not noise:
             assert out == reference[0]
         passed_on += len(runs_taken)
-    assert passed_on > 300
+        reasoning_rewritten += len(shortcuts)
+    assert passed_on > 300 and reasoning_rewritten > 300
+
+
+@pytest.mark.parametrize("odd", [*ODD_ESCAPES, b'"o\xffk"', b'"o\x01k"'])
+def test_a_chat_reasoning_chunk_whose_bytes_the_shortcut_cannot_vouch_for_is_rewritten(odd):
+    """A reasoning chunk in a chat stream whose text is not what `_json_string` writes (another spelling of an escape,
+    a quote that ends it early, invalid UTF-8, a raw control character) is decoded and rewritten, as any chunk is, or
+    fails the stream as decoding it does; one whose text is (`\\u001f`, `\\"`) is rewritten from its bytes: the
+    client gets the same bytes either way."""
+    datas = [vllm_chunk_bytes({"role": "assistant", "content": ""}), vllm_chunk_bytes({"reasoning": "a"}),
+             vllm_chunk_bytes({"reasoning": "ok"}).replace(b'"ok"', odd), vllm_chunk_bytes({"reasoning": "b"}),
+             vllm_chunk_bytes({"content": "c"}), vllm_chunk_bytes({}, "stop")]
+    raw = b"".join(b"data: %b\n\n" % data for data in datas) + b"data: [DONE]\n\n"
+    framing = gym_vllm._ChatSSE(BASE)
+    shortcuts = taken_by(framing, "_reasoning_as_content")
+    out, failure = one_chunk_at_a_time(framing, raw)
+    assert (out, failure) == one_chunk_at_a_time(ChatRewriting(BASE), raw)
+    assert failure or datas[3].replace(b'"reasoning":"', b'"content":"') in shortcuts  # "b" at least
 
 
 def test_whole_events_are_counted_only_where_a_block_is_nothing_else():

@@ -17,7 +17,7 @@ import pytest
 import gym_vllm
 
 from conftest import VLLM_API_KEY, assert_openai_error, server_config, strict_client
-from test_stream import Feeding, relayed, taken_by
+from test_stream import ChatRewriting, Feeding, relayed, taken_by
 
 pytestmark = pytest.mark.vllm
 
@@ -162,3 +162,28 @@ async def test_a_real_reasoning_stream_relayed_by_its_shortcuts_is_what_feeding_
     # chunks held one by one; 225 reads held as runs of text chunks (two make one), 10-12 of token-ID chunks, whose runs
     # need 4 chunks (reads of 8) and no `"delta":{}` among them (the first byte of `é`, `</think>`: decoded and fed).
     assert sum(map(len, held_one_by_one)) >= 30 and sum(events == b"" for run in held_as_runs for events in run) >= 5
+
+
+async def test_a_real_reasoning_stream_relayed_to_a_chat_client_by_its_shortcut_is_what_rewriting_its_chunks_gives(
+        vllm_reasoning_engine, allowed_tokens):
+    """The bytes vLLM streams with its reasoning parser, relayed to a `/v1/chat/completions` client in reads of 1 and 3
+    chunks: its reasoning chunks rewritten from their bytes (`"reasoning"` becomes `"content"` inside the `<think>`
+    block) give byte for byte what decoding and rewriting each gives."""
+    config = server_config(vllm_reasoning_engine)
+    rewritten = []
+    for seed in SEEDS:
+        body = gym_vllm.prepare_chat_request({"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": True,
+                                              **sampled(seed, allowed_tokens, tokens=60)}, config)
+        async with aiohttp.ClientSession() as http:
+            async with http.post(f"{vllm_reasoning_engine}/chat/completions", headers=HEADERS, data=gym_vllm.request_json(body)) as answer:
+                assert answer.status == 200
+                raw = await answer.read()
+        events = [event + b"\n\n" for event in raw.split(b"\n\n") if event]
+        for size in (1, 3):
+            reads = [b"".join(events[i:i + size]) for i in range(0, len(events), size)]
+            framing = gym_vllm._ChatSSE(config)
+            rewritten.append(taken_by(framing, "_reasoning_as_content"))
+            out, failure = relayed(framing, reads)
+            assert (out, failure) == relayed(ChatRewriting(config), reads) and failure is None
+            assert out.count(b"<think>") == 1
+    assert sum(map(len, rewritten)) >= 100  # measured 348: every reasoning chunk but the first (and `"delta":{}`'s)
