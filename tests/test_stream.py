@@ -737,7 +737,7 @@ def test_whole_events_are_counted_only_where_a_block_is_nothing_else():
         assert gym_vllm._whole_events(block) == 0, block
 
 
-@pytest.mark.parametrize("run_length", [4, 20], ids=["short-read", "long-read"])  # under and over 2,500 bytes
+@pytest.mark.parametrize("run_length", [4, 20], ids=["short-read", "long-read"])  # under and over 800 bytes (convert_run)
 @pytest.mark.parametrize("odd", [(b'"delta"', b'"DELTA"'), (b'"index":0', b'"index":1'), (b'"chatcmpl-7f3a"', b'"chatcmpl-7f3b"')],
                          ids=["no-delta", "another-choice", "another-id"])
 def test_a_chunk_with_another_head_of_the_same_length_in_a_run_is_converted_as_itself(run_length, odd):
