@@ -2948,6 +2948,13 @@ _TEXT_CHUNK_TAILS = (b'"},"logprobs":null,"finish_reason":null,"token_ids":null}
 _NOT_PLAIN_TEXT = re.compile(rb'["\\\x00-\x1f]')
 
 
+def _chunk_heads(data: bytes) -> tuple[bytes, bytes] | None:
+    """The head of a chunk that decoded (_CHUNK_HEAD, the stream's), with `"content":"` and with `"reasoning":"`: what
+    the stream's text chunks and those of vLLM's reasoning field start with. None for a chunk of another shape."""
+    match = _CHUNK_HEAD.match(data)
+    return (match.group() + b'"content":"', match.group() + b'"reasoning":"') if match else None
+
+
 def _escaped_chunk_texts(texts: Sequence[bytes]) -> str | None:
     """The text of text chunks whose JSON strings (`texts`: their bytes between the quotes) hold escapes (a newline, a
     quote), where each is exactly what _json_string writes of its text, as vLLM writes it: its event can then be
@@ -2975,6 +2982,19 @@ def _chunk_text(raw_text: bytes) -> str | None:
         except UnicodeDecodeError:  # feed's way reports it
             return None
     return _escaped_chunk_texts((raw_text,))
+
+
+def _text_chunk_parts(data: bytes, start: int) -> tuple[bytes, bytes, str] | None:
+    """A chunk that is a head (`start` bytes long), a JSON string's bytes and one of _TEXT_CHUNK_TAILS: (the tail, the
+    string's bytes, its text as `_chunk_text` gives it); None for any other chunk."""
+    for tail in _TEXT_CHUNK_TAILS:
+        if data.endswith(tail):
+            break
+    else:
+        return None
+    raw_text = data[start:len(data) - len(tail)]
+    text = _chunk_text(raw_text)
+    return None if text is None else (tail, raw_text, text)
 
 
 def _string_list_json(values: list[str]) -> bytes:
@@ -3061,25 +3081,19 @@ class _ResponsesSSE:
         chunk = _parse_chunk(data)
         if not self.head_checked:  # the first chunk that decoded: its head is the stream's
             self.head_checked = True
-            match = _CHUNK_HEAD.match(data)
-            if match:
-                head = self.text_chunk_head = match.group() + b'"content":"'
-                self.text_read_head = b"data: " + head
+            heads = _chunk_heads(data)
+            if heads:
+                self.text_chunk_head, self.reasoning_chunk_head = heads
+                self.text_read_head = b"data: " + self.text_chunk_head
                 self.text_read_head_after = b"\n\n" + self.text_read_head
-                self.reasoning_chunk_head = match.group() + b'"reasoning":"'
                 self.reasoning_read_head = b"data: " + self.reasoning_chunk_head
         return self._written(self.machine.feed(chunk))
 
     def _text_event(self, data: bytes, start: int) -> bytes | None:
-        for tail in _TEXT_CHUNK_TAILS:
-            if data.endswith(tail):
-                break
-        else:
+        parts = _text_chunk_parts(data, start)
+        if parts is None:
             return None
-        raw_text = data[start:len(data) - len(tail)]
-        text = _chunk_text(raw_text)
-        if text is None:
-            return None
+        tail, raw_text, text = parts
         machine = self.machine
         taken = machine.take_text(text)
         if taken is None and not machine.hold_text(text):
@@ -3148,14 +3162,10 @@ class _ResponsesSSE:
             self.machine.take_tokens(token_ids, entries)
             self.token_chunks = True
             return b""
-        for tail in _TEXT_CHUNK_TAILS:
-            if data.endswith(tail):
-                break
-        else:
+        parts = _text_chunk_parts(data, start)
+        if parts is None or not self.machine.hold_reasoning(parts[2]):
             return None
-        text = _chunk_text(data[start:len(data) - len(tail)])
-        if text is None or not self.machine.hold_reasoning(text):
-            return None
+        tail = parts[0]
         if tail is not self.text_chunk_tail:
             self._take_tail(tail)
         return b""
@@ -3335,9 +3345,9 @@ class _ChatSSE:
         chunk = _parse_chunk(data)
         rewritten = _dumps(self.relay.rewrite(chunk)).encode()
         if self.reasoning_head is None and self.config.uses_reasoning_parser:  # the stream's head, checked once
-            match = _CHUNK_HEAD.match(data)
-            if match:
-                self.reasoning_head, self.content_head = match.group() + b'"reasoning":"', match.group() + b'"content":"'
+            heads = _chunk_heads(data)
+            if heads:
+                self.content_head, self.reasoning_head = heads
         return rewritten
 
     def _reasoning_as_content(self, data: bytes) -> bytes | None:
@@ -3348,12 +3358,7 @@ class _ChatSSE:
         head = self.reasoning_head
         if head is None or not data.startswith(head) or 0 not in self.relay.in_reasoning:
             return None
-        for tail in _TEXT_CHUNK_TAILS:
-            if data.endswith(tail):
-                break
-        else:
-            return None
-        if _chunk_text(data[len(head):len(data) - len(tail)]) is None:
+        if _text_chunk_parts(data, len(head)) is None:
             return None
         return self.content_head + data[len(head):]
 
