@@ -359,14 +359,11 @@ def vllm_chunk_bytes(delta, finish_reason=None, token_ids_key=True, chunk_id="ch
 def sse_of_stream(datas, config, shortcut):
     """The bytes a /v1/responses stream sends for vLLM's `data:` payloads, through _ResponsesSSE (with its shortcut for
     text chunks) or decoding and feeding every chunk; the error the stream ends with, if any; feed's calls."""
-    gym_vllm._random_hex.clear()  # the same item ids on both sides
-    random.seed(11)
-    machine = gym_vllm.ResponsesStream({"input": "q", "stream": True}, config)
-    machine.created = 1.0
+    framing = responses_framing(config)
+    machine = framing.machine
     feeds = []
     feed = machine.feed
     machine.feed = lambda chunk: feeds.append(chunk) or feed(chunk)
-    framing = gym_vllm._ResponsesSSE(machine)
     out = [framing.start()]
     try:
         for data in datas:
@@ -590,12 +587,20 @@ def taken_by(framing, method):
     return taken
 
 
-def responses_framing(config, kind=gym_vllm._ResponsesSSE):
-    gym_vllm._random_hex.clear()  # the same item ids on both sides
+def responses_framing(config, kind=gym_vllm._ResponsesSSE, request=None):
+    """A `/v1/responses` framing for `request` (a plain stream by default) that gives the same item ids and times each
+    time it is made, so that two of them can be compared byte for byte."""
+    gym_vllm._random_hex.clear()
     random.seed(11)
-    machine = gym_vllm.ResponsesStream({"input": "q", "stream": True}, config)
+    machine = gym_vllm.ResponsesStream(request or {"input": "q", "stream": True}, config)
     machine.created = 1.0
     return kind(machine)
+
+
+def reads_of(raw, size):
+    """An SSE stream's bytes in reads of `size` whole events each, as a busy proxy reads them."""
+    events = [event + b"\n\n" for event in raw.split(b"\n\n") if event]
+    return [b"".join(events[i:i + size]) for i in range(0, len(events), size)]
 
 
 def one_chunk_at_a_time(framing, raw):
@@ -899,11 +904,7 @@ def test_a_token_id_stream_relayed_by_its_shortcuts_is_what_feeding_its_chunks_g
         reads = random_reads(rng, raw)
         sides = []
         for kind in (Feeding, gym_vllm._ResponsesSSE):
-            gym_vllm._random_hex.clear()
-            random.seed(11)
-            machine = gym_vllm.ResponsesStream(request_body, config)
-            machine.created = 1.0
-            framing = kind(machine)
+            framing = responses_framing(config, kind, request_body)
             if kind is not Feeding:
                 ones, runs = taken_by(framing, "_token_event"), taken_by(framing, "_convert_token_run")
             sides.append((relayed(framing, reads), framing.sent))

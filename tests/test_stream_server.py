@@ -2,7 +2,6 @@
 
 import asyncio
 import json
-import random
 import re
 import time
 
@@ -13,7 +12,7 @@ from aiohttp import web
 import gym_vllm
 
 from conftest import assert_openai_error, server_config, strict_client
-from test_stream import Feeding, check_lifecycle, normalized, relayed, taken_by
+from test_stream import Feeding, check_lifecycle, normalized, reads_of, relayed, responses_framing, taken_by
 from test_vllm import FORCED_CALL, WEATHER_TOOL
 
 
@@ -360,15 +359,10 @@ async def test_a_real_engine_stream_read_at_once_is_what_its_chunks_one_by_one_g
                              headers={"Authorization": f"Bearer {config.api_key}", "Content-Type": "application/json"}) as answer:
             assert answer.status == 200
             raw = await answer.read()
-    events = [event + b"\n\n" for event in raw.split(b"\n\n") if event]
-    reads = [b"".join(events[i:i + 3]) for i in range(0, len(events), 3)]
+    reads = reads_of(raw, 3)
 
     def framing(kind=gym_vllm._ResponsesSSE):
-        gym_vllm._random_hex.clear()  # the same item ids on every side
-        random.seed(3)
-        machine = gym_vllm.ResponsesStream(request, config)
-        machine.created = 1.0
-        return kind(machine)
+        return responses_framing(config, kind, request)
 
     reference = relayed(framing(), [raw], at_once=False)
     assert relayed(framing(Feeding), [raw]) == reference
@@ -403,15 +397,10 @@ async def test_a_real_engine_token_id_stream_relayed_by_its_shortcuts_is_what_fe
         raws = await asyncio.gather(*(stream() for _ in range(4)))
     taken = []
     for raw in raws:
-        events = [event + b"\n\n" for event in raw.split(b"\n\n") if event]
-        reads = [b"".join(events[i:i + 6]) for i in range(0, len(events), 6)]
+        reads = reads_of(raw, 6)
         sides = []
         for kind in (Feeding, gym_vllm._ResponsesSSE):
-            gym_vllm._random_hex.clear()  # the same item ids on both sides
-            random.seed(3)
-            machine = gym_vllm.ResponsesStream(request, config)
-            machine.created = 1.0
-            framing = kind(machine)
+            framing = responses_framing(config, kind, request)
             if kind is not Feeding:
                 taken += [taken_by(framing, "_convert_token_run")]
             sides.append(relayed(framing, reads))

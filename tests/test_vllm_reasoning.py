@@ -7,7 +7,6 @@ characters in it, and most replies end their reasoning part way (`REPLIES` says 
 """
 
 import json
-import random
 import urllib.request
 
 import aiohttp
@@ -17,7 +16,7 @@ import pytest
 import gym_vllm
 
 from conftest import VLLM_API_KEY, assert_openai_error, server_config, strict_client
-from test_stream import ChatRewriting, Feeding, relayed, taken_by
+from test_stream import ChatRewriting, Feeding, reads_of, relayed, responses_framing, taken_by
 
 pytestmark = pytest.mark.vllm
 
@@ -141,17 +140,12 @@ async def test_a_real_reasoning_stream_relayed_by_its_shortcuts_is_what_feeding_
     for seed in SEEDS:
         request = {"input": "hi", "stream": True, **sampled(seed, allowed_tokens, tokens=60)}
         raw = await stream_bytes(vllm_reasoning_engine, request, config)
-        events = [event + b"\n\n" for event in raw.split(b"\n\n") if event]
-        assert events[1].find(b'"delta":{"reasoning":"') > 0  # vLLM's parser at work
+        assert reads_of(raw, 1)[1].find(b'"delta":{"reasoning":"') > 0  # vLLM's parser at work
         for size in (1, 3, 8):
-            reads = [b"".join(events[i:i + size]) for i in range(0, len(events), size)]
+            reads = reads_of(raw, size)
             sides = []
             for kind in (Feeding, gym_vllm._ResponsesSSE):
-                gym_vllm._random_hex.clear()  # the same item ids on both sides
-                random.seed(3)
-                machine = gym_vllm.ResponsesStream(request, config)
-                machine.created = 1.0
-                framing = kind(machine)
+                framing = responses_framing(config, kind, request)
                 if kind is not Feeding:
                     held_one_by_one.append(taken_by(framing, "_reasoning_event"))
                     held_as_runs.append(taken_by(framing, "_convert_token_run" if ids else "convert_run"))
@@ -178,9 +172,8 @@ async def test_a_real_reasoning_stream_relayed_to_a_chat_client_by_its_shortcut_
             async with http.post(f"{vllm_reasoning_engine}/chat/completions", headers=HEADERS, data=gym_vllm.request_json(body)) as answer:
                 assert answer.status == 200
                 raw = await answer.read()
-        events = [event + b"\n\n" for event in raw.split(b"\n\n") if event]
         for size in (1, 3):
-            reads = [b"".join(events[i:i + size]) for i in range(0, len(events), size)]
+            reads = reads_of(raw, size)
             framing = gym_vllm._ChatSSE(config)
             rewritten.append(taken_by(framing, "_reasoning_as_content"))
             out, failure = relayed(framing, reads)
