@@ -519,12 +519,14 @@ def test_a_field_no_response_reads_is_checked_only_as_json_syntax(unread):
 @pytest.mark.skipif(gym_vllm.JSON_CODEC == "json", reason="msgspec is not installed: entries are always objects")
 def test_logprob_entries_are_of_one_kind():
     """A schema decodes every entry as a _LogprobRead or none (the whole reply or nothing): a list that mixes them, made
-    by hand, is malformed (a 502), never read half by attribute and half by key."""
+    by hand (or a stream's, which keeps an entry that is not an object), is malformed (a 502), never read half by
+    attribute and half by key. A list of dicts is checked whole by _first_choice, one of _LogprobRead as it is read."""
     entry = gym_vllm._LogprobRead("token_id:5", -0.5)
     assert gym_vllm._logprob_entries([entry, entry]) and gym_vllm._logprob_entries([{}, {}]) and gym_vllm._logprob_entries([])
-    assert not gym_vllm._logprob_entries([entry, {}]) and not gym_vllm._logprob_entries([{}, entry])
+    assert not gym_vllm._logprob_entries([{}, entry]) and not gym_vllm._logprob_entries([5, entry])
     assert gym_vllm._logprob_fields([entry, gym_vllm._LogprobRead()]) == ([-0.5, None], ["token_id:5", None])
-    reply = {"choices": [{"message": {"content": "x"}, "token_ids": [5, 5], "logprobs": {"content": [entry, {}]}}],
-             "prompt_token_ids": [1]}
-    with pytest.raises(gym_vllm.ApiError, match="choices\\[0\\].logprobs"):
-        gym_vllm.extract_token_info(reply)
+    for mixed in ([entry, {}], [entry, 5], [entry, None, entry], [{}, entry], ["token_id:5", entry]):
+        reply = {"choices": [{"message": {"content": "x"}, "token_ids": [5] * len(mixed), "logprobs": {"content": mixed}}],
+                 "prompt_token_ids": [1]}
+        with pytest.raises(gym_vllm.ApiError, match="`choices\\[0\\].logprobs` should be \\{content"):
+            gym_vllm.extract_token_info(reply)

@@ -218,6 +218,16 @@ def test_token_ids_accumulate_onto_the_last_item():
     with pytest.raises(ApiError):
         machine.finish()
     assert types(machine.fail(gym_vllm.upstream_error("x")))[-1] == "response.failed"  # and the stream can still end cleanly
+    for entry in (5, None, "token_id:11", [1]):  # kept by feed() as it came (the others are read), refused at the end
+        broken = chunks[:-1] + [chunk({"content": "C"}), chunk({}, "stop")]
+        broken[-2]["choices"][0]["token_ids"] = [11]
+        broken[-2]["choices"][0]["logprobs"] = {"content": [entry]}
+        machine = gym_vllm.ResponsesStream({"input": "q"}, TRAIN)
+        machine.start()
+        for c in broken:
+            machine.feed(c)
+        with pytest.raises(ApiError, match="`choices\\[0\\].logprobs` should be"):
+            machine.finish()
 
 
 def test_malformed_chunks_raise_api_errors():
