@@ -157,6 +157,17 @@ def test_every_readme_command_is_run_by_a_test():
             assert re.search(rf"def {name}\(", sources), f"{command!r}: no test named {name}"
 
 
+def test_readme_tables_have_one_line_per_row():
+    """A Markdown table row is one line: a row wrapped onto the next lines ends the table there, and its rest renders
+    as loose text (round 13's row of "What made it faster" did). Outside code blocks, a line that starts a row ends it."""
+    in_code = False
+    for number, line in enumerate((REPO / "README.md").read_text().splitlines(), 1):
+        if line.startswith("```"):
+            in_code = not in_code
+        elif not in_code and line.startswith("|"):
+            assert line.rstrip().endswith("|"), f"README.md:{number}: a table row that goes on past its line: {line[:60]!r}"
+
+
 # `python` is this interpreter (its venv's bin/ first on PATH), and the checkout is importable from anywhere.
 NEWCOMER_PATH = {"PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "PYTHONPATH": str(REPO)}
 
