@@ -1855,6 +1855,9 @@ class ResponsesStream:
         self.config = config
         self.response_id = _new_id("resp")
         self.created: float = time.time()
+        # vLLM's `created`, from the first chunk that has one (vLLM gives every chunk of a stream the same): the chunks
+        # _ResponsesSSE takes by their bytes are not fed, so a later chunk's must not count on one path only
+        self.created_from_upstream = False
         self.sequence = 0
         self.output: list[dict] = []           # items already added (the open one is the last)
         self.open_item: dict | None = None     # the item whose events are in flight
@@ -1903,10 +1906,11 @@ class ResponsesStream:
         if type(chunk) is not dict:
             raise _malformed("chunk", "a JSON object")
         events: list[dict] = []
-        if not self.output and chunk.get("created") is not None:
+        if not self.created_from_upstream and chunk.get("created") is not None:
             if not _is_timestamp(chunk["created"]):
                 raise _malformed("created", "a finite number or null")
             self.created = chunk["created"]
+            self.created_from_upstream = True
         usage = chunk.get("usage")
         if isinstance(usage, dict):
             self.usage = usage
@@ -2849,6 +2853,11 @@ def _client_gone(request: web.Request) -> bool:
     return request.transport is None or request.transport.is_closing()
 
 
+# What JSON allows around a value, and all that is stripped around a `data:` payload: bytes.strip() would also take a form
+# feed or a vertical tab, making a payload valid JSON that a chat stream's runs pass on as it came, invalid.
+_JSON_WHITESPACE = b" \t\r\n"
+
+
 class _DataLines:
     """vLLM's SSE split into the payloads of its `data:` lines, one network read at a time (a burst of chunks goes out
     in one write); `done` once `data: [DONE]` came, after which nothing more is read."""
@@ -2865,7 +2874,7 @@ class _DataLines:
         batch = []
         for line in lines:
             if line.startswith(b"data:"):
-                data = line[5:].strip()
+                data = line[5:].strip(_JSON_WHITESPACE)
                 if data == b"[DONE]":
                     self.done = True
                     break

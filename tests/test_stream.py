@@ -1,6 +1,7 @@
 """The streaming state machine with plain data: chunks in, events out (sans-I/O), checked against the SDK's types."""
 
 import dataclasses
+import json
 import random
 
 import pydantic
@@ -642,6 +643,35 @@ def test_a_responses_read_converted_at_once_is_what_its_chunks_one_by_one_give(c
     assert runs > 300  # runs of several text chunks were converted at once, not all one by one
 
 
+@pytest.mark.parametrize("config, held", [
+    (BASE, [{"reasoning": "a"}, {"reasoning": "b"}, {"reasoning": "c"}]),  # vLLM's reasoning field: held
+    (NO_PARSER, [{"content": "<think>a"}, {"content": "b"}, {"content": "c"}]),  # a leading <think> block: held
+    (TRAIN, [{"content": "<think>a"}, {"content": "b"}, {"content": "c"}]),
+], ids=["reasoning", "think", "token-ids"])
+@pytest.mark.parametrize("done", [True, False], ids=["done", "cut"])
+def test_a_chunk_with_another_created_is_read_alike_both_ways(config, held, done):
+    """The Response's `created_at` is vLLM's `created` of the first chunk, whichever way its chunks are read: a chunk
+    of another head (another id and `created`) among chunks held before any item (not fed: taken by their bytes) gave
+    its `created` on one path only, and the later envelopes (`response.completed`, `response.failed`) differed."""
+    def data(delta, finish_reason=None, other=False, **extra):
+        if config is TRAIN and delta.get("content"):
+            raw = vllm_token_chunk_bytes(delta["content"], 5)
+        else:
+            raw = vllm_chunk_bytes(delta, finish_reason, **extra)
+        return raw.replace(b'"chatcmpl-7f3a"', b'"chatcmpl-other"').replace(b"1700000000", b"1700000999") if other else raw
+    datas = [data({"role": "assistant", "content": ""}, prompt_token_ids=[1, 2]), data(held[0]), data(held[1], other=True), data(held[2])]
+    if done:
+        datas += [data({"content": "</think>x"} if "content" in held[0] else {"content": "x"}), data({}, "stop")]
+    raw = b"".join(b"data: %b\n\n" % d for d in datas) + (b"data: [DONE]\n\n" if done else b"")
+    reference = one_chunk_at_a_time(responses_framing(config, Feeding), raw)
+    last = json.loads(reference[0].split(b"\n\n")[-2].split(b"\ndata: ", 1)[1])
+    assert last["type"] == ("response.completed" if done else "response.failed")
+    assert last["response"]["created_at"] == 1700000000
+    assert one_chunk_at_a_time(responses_framing(config), raw) == reference
+    for size in (1, 2, 6):
+        assert relayed(responses_framing(config), reads_of(raw, size)) == reference
+
+
 @pytest.mark.parametrize("config, chunk, runs_counted", [(BASE, lambda i: vllm_chunk_bytes({"content": f"w{i}"}), 0),
                                                           (TRAIN, lambda i: vllm_token_chunk_bytes(f"w{i}", i), 2)],
                          ids=["text", "token-ids"])
@@ -699,6 +729,22 @@ class ChatRewriting(gym_vllm._ChatSSE):
 
     def _reasoning_as_content(self, data):
         return None
+
+
+@pytest.mark.parametrize("space", [b"\x0c", b"\x0b"], ids=["form-feed", "vertical-tab"])
+def test_a_payload_is_stripped_of_json_whitespace_only(space):
+    """`data:` payloads lose the whitespace JSON allows around a value, and only that: bytes.strip() also took a form
+    feed or a vertical tab, so a chat stream passed such a payload on as it came where it was whole events (invalid
+    JSON for the client) and stripped (valid) where it was not; a Responses stream read it as JSON either way."""
+    chunk = vllm_chunk_bytes({"content": "hi"}, "stop")
+    raw = b"data: %b%b\n\ndata: [DONE]\n\n" % (space, chunk)
+    assert gym_vllm._DataLines().payloads(raw) == [space + chunk]
+    chat = one_chunk_at_a_time(ChatRewriting(BASE), raw)
+    assert relayed(gym_vllm._ChatSSE(BASE), [raw]) == chat and chat[0].startswith(b"data: " + space)
+    failed = one_chunk_at_a_time(responses_framing(BASE, Feeding), raw)
+    assert failed[1] == (502, "vLLM sent a stream chunk that is not JSON")
+    assert relayed(responses_framing(BASE), [raw]) == failed
+    assert gym_vllm._DataLines().payloads(b"data: \t %b \r\n\n" % chunk) == [chunk]  # JSON's own whitespace goes
 
 
 def test_a_chat_read_relayed_at_once_is_what_its_chunks_one_by_one_give():
