@@ -229,9 +229,10 @@ class LoneSurrogate(ValueError):
 
 # JSON has no NaN or infinities, and a reply must never hold one (json would write NaN, Infinity: not JSON). json.loads
 # reads the literals NaN, Infinity, -Infinity and reads a float too large for a double (1e400) as an infinity; msgspec
-# refuses all of them, and so does json here. A float literal with a 3-digit exponent or 309 digits in a row may be
+# refuses all of them, and so does json here. Only a float literal with a 3-digit exponent, or with 210 digits in a row
+# (with an exponent of at most 99, one is too large from 210 digits before its point: 1, 210 zeros and e99), may be
 # such a float (or a string's text, or a small number): only then is the text read again, each float checked.
-_FLOAT_TOO_LARGE = re.compile(r"[eE][-+]?[0-9]{3}|[0-9]{309}")
+_FLOAT_TOO_LARGE = re.compile(r"[eE][-+]?[0-9]{3}|[0-9]{210}")
 
 
 def _refuse_constant(literal: str) -> Any:
@@ -263,7 +264,9 @@ def _json_decoder() -> Callable[..., Any]:
             if msgspec is not None:
                 try:
                     return (typed_decoder(schema) if schema else fast)(raw)
-                except msgspec.DecodeError:  # ValidationError, a document of another shape, is one too
+                # ValidationError, a document of another shape, is a DecodeError too; invalid UTF-8 in a string is
+                # msgspec's own UnicodeDecodeError, whose message json gives as every other's (its place in the body)
+                except (msgspec.DecodeError, UnicodeDecodeError):
                     if schema:
                         return loads(raw, sendable=sendable)
             # Decoded strictly here: json.loads would decode bytes with `surrogatepass`, making a lone surrogate of
@@ -274,7 +277,7 @@ def _json_decoder() -> Callable[..., Any]:
                 json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
         except RecursionError:
             raise ValueError("JSON nested too deeply") from None
-        if sendable and _holds_lone_surrogate(raw, value):
+        if sendable and _holds_lone_surrogate(text, value):  # the text: a UTF-16 body's bytes spell `\ud` apart
             raise LoneSurrogate(LONE_SURROGATE)
         return value
 
@@ -670,7 +673,33 @@ def server_config_from_dict(name: str, values: dict, source: str = "<python>", w
     if not isinstance(extra_body.get("chat_template_kwargs") or {}, dict):
         raise ConfigError(f"{where.key('extra_body')}: `chat_template_kwargs` must be a mapping; better, use the "
                           f"server's own `chat_template_kwargs` key")
+    for key in ("extra_body", "chat_template_kwargs"):  # sent to vLLM as JSON with every request
+        problem = _not_json(kwargs.get(key), key)
+        if problem:
+            raise ConfigError(f"{where.key(key)}: {problem}")
     return ServerConfig(name=name, source=source, **kwargs)
+
+
+def _not_json(value: Any, path: str) -> str | None:
+    """What in `value` (a mapping as YAML read it) JSON cannot carry, named by its path; None where all of it can. YAML
+    reads `2024-01-01` as a date, `on:` as the key true, `.inf` as an infinity: each would fail every request."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                return f"`{path}` has the key {key!r}, which is not a string; quote it in the YAML"
+            problem = _not_json(item, f"{path}.{key}")
+            if problem:
+                return problem
+    elif isinstance(value, (list, tuple)):
+        for index, item in enumerate(value):
+            problem = _not_json(item, f"{path}[{index}]")
+            if problem:
+                return problem
+    elif isinstance(value, float) and not math.isfinite(value):
+        return f"`{path}` is {value!r}, which JSON cannot carry"
+    elif not isinstance(value, (str, int, float, type(None))):  # a bool is an int
+        return f"`{path}` is a {type(value).__name__} ({value!r}), which JSON cannot carry; quote it in the YAML"
+    return None
 
 
 _INTERPOLATION = re.compile(r"\$\{([^{}]+)\}")

@@ -119,6 +119,11 @@ def test_later_files_win_and_merge(tmp_path):
     (REQUIRED.replace("http://127.0.0.1:8000/v1", "' , '"), "base_url is empty"),
     (REQUIRED.replace("m\n", "${missing_var}\n"), "vllm_model.model: variable ${missing_var} is not defined"),
     (REQUIRED.replace("api_key: k", "api_key: ${oc.env:GV_SURELY_UNSET}"), "environment variable GV_SURELY_UNSET is not set"),
+    # what YAML reads as no JSON value: every request failed (a 500 with json, a date sent as a string with msgspec)
+    (REQUIRED + "      extra_body: {since: 2024-01-01}\n", "`extra_body.since` is a date (datetime.date(2024, 1, 1)), which JSON cannot"),
+    (REQUIRED + "      extra_body: {structured_outputs: {on: 1}}\n", "`extra_body.structured_outputs` has the key True, which is not a string"),
+    (REQUIRED + "      chat_template_kwargs: {budget: .inf}\n", "`chat_template_kwargs.budget` is inf, which JSON cannot carry"),
+    (REQUIRED + "      chat_template_kwargs: {tags: [a, !!binary YQ==]}\n", "`chat_template_kwargs.tags[1]` is a bytes"),
 ])
 def test_config_errors_name_file_and_key(tmp_path, body, fragment):
     path = server(tmp_path, body)

@@ -78,6 +78,41 @@ def test_fast_decoding_agrees_with_json_on_edge_cases(raw):
     assert kind == want_kind and (kind == "error" or same(value, want))
 
 
+REPLY_WITH_INVALID_UTF8 = b'{"created":1,"choices":[{"message":{"content":"ok \xff"},"finish_reason":"stop"}]}'
+
+
+@pytest.mark.parametrize("raw, schema", [(b'{"input":"caf\xe9"}', None), (b'{"k\xff":1}', None), (b'["ok", "\xed\xa0\x80"]', None),
+                                         (REPLY_WITH_INVALID_UTF8, None), (REPLY_WITH_INVALID_UTF8, "CompletionForResponse")])
+def test_invalid_utf8_in_a_string_is_reported_as_json_reports_it(raw, schema):
+    """At its place in the body, both codecs: msgspec raises its own UnicodeDecodeError for a string's invalid UTF-8,
+    naming its place in the string (a client's 400 said `position 3` there, `position 13` without msgspec). With a
+    schema, in a field it reads (what it skips is checked only as JSON syntax: above)."""
+    with pytest.raises(UnicodeDecodeError) as expected:
+        raw.decode("utf-8")
+    with pytest.raises(UnicodeDecodeError) as got:
+        gym_vllm._loads(raw, getattr(gym_vllm, schema) if schema else None, sendable=True)
+    assert str(got.value) == str(expected.value)
+
+
+@pytest.mark.parametrize("literal", [b"1" + b"0" * 210 + b"e99", b"-1" + b"0" * 300 + b".5e9", b"-" + b"9" * 250 + b"e60"])
+def test_every_float_literal_too_large_for_a_double_is_refused(literal):
+    """Not only those with a 3-digit exponent or 309 digits: 1, 210 zeros and e99 is 1e309, which json read as an
+    infinity, sent on as `Infinity` (a request's temperature to vLLM, a log prob to the client), which is not JSON."""
+    with pytest.raises(ValueError, match="too large for a float"):
+        gym_vllm._loads(b'{"temperature": %b}' % literal)
+    assert gym_vllm._loads(b"[1%be99]" % (b"0" * 209)) == [1e308]  # one digit fewer: a double
+
+
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-32", "utf-16-be"])
+def test_a_lone_surrogate_escape_is_found_in_any_encoding_json_reads(encoding):
+    """A UTF-16 or UTF-32 body (json reads them) spells `\\ud800` in bytes the UTF-8 search missed: it went on to
+    be written for vLLM, a UnicodeEncodeError, a 500 where a UTF-8 body gets the 400."""
+    raw = '{"input": "\\ud800"}'.encode(encoding)
+    with pytest.raises(gym_vllm.LoneSurrogate):
+        gym_vllm._loads(raw, sendable=True)
+    assert gym_vllm._loads('{"input": "\\ud83d\\ude00"}'.encode(encoding), sendable=True) == {"input": "\U0001f600"}
+
+
 @given(st.binary(max_size=40))
 @settings(max_examples=300, deadline=None)
 def test_fast_decoding_accepts_and_rejects_what_json_does(raw):
