@@ -539,7 +539,7 @@ SERVER_KEYS: dict[str, ConfigKey] = {key.name: key for key in (
               "`metadata.chat_template_kwargs` (a JSON string) override key by key"),
     ConfigKey("extra_body", (dict, type(None)), "a mapping or null",
               "extra fields for every vLLM request; request fields and `metadata.extra_body` (a JSON string) win; "
-              "`null` entries are ignored"),
+              "`null` entries are ignored; JSON values only (quote a date, or a key YAML reads as a bool such as `on`)"),
     ConfigKey("propagate_context_overflow_errors", (bool,), "true or false",
               "return vLLM's context-length 400 instead of an empty incomplete reply"),
     ConfigKey("host", (str,), "a string", "listen address (`0.0.0.0`: all interfaces); CLI `--host` for a single server"),
