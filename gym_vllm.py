@@ -3907,14 +3907,19 @@ def rollout_record(record: dict, response: dict, index: int, repeat: int) -> dic
     return {**record, TASK_INDEX_KEY: index, ROLLOUT_INDEX_KEY: repeat, "response": response}
 
 
+class _NotJsonLine(ValueError):
+    """An output line that is not JSON at all: at the file's end without its newline, what a kill mid-write leaves."""
+
+
 def _rollout_key(raw: bytes) -> tuple[int, int] | None:
-    """(index, repeat) of one output line; None for a blank line; ValueError for anything else."""
+    """(index, repeat) of one output line; None for a blank line; ValueError for anything else (_NotJsonLine where it
+    is not JSON)."""
     if not raw.strip():
         return None
     try:
         record = _loads(raw)
-    except ValueError:
-        raise ValueError("not valid JSON") from None
+    except ValueError:  # UnicodeDecodeError too: a character cut in two
+        raise _NotJsonLine("not valid JSON") from None
     if not isinstance(record, dict):
         raise ValueError(f"{_json_type(record)}, not an object")
     key = record.get(TASK_INDEX_KEY), record.get(ROLLOUT_INDEX_KEY)
@@ -3934,8 +3939,9 @@ class ResumeState:
 def resume_state(lines: Iterable[bytes]) -> ResumeState:
     """Reads an existing output file's lines (each with its b"\\n"): which (index, repeat) pairs are done.
 
-    Only the last line may be torn, and only a line without its newline is: it is dropped. A bad line
-    anywhere else means the file is not a collect output or was damaged: ValueError, never an overwrite.
+    Only the last line may be torn, and only a line without its newline that is not JSON is (a record cut short): it
+    is dropped. A bad line anywhere else, or valid JSON that is not a record at the end (a file that is not a collect
+    output, one line long), means the file is not a collect output or was damaged: ValueError, never an overwrite.
     """
     done: set[tuple[int, int]] = set()
     offset, ends_mid_line = 0, False
@@ -3943,7 +3949,7 @@ def resume_state(lines: Iterable[bytes]) -> ResumeState:
         try:
             key = _rollout_key(raw)
         except ValueError as exc:
-            if not raw.endswith(b"\n"):
+            if not raw.endswith(b"\n") and isinstance(exc, _NotJsonLine):
                 return ResumeState(done, offset, torn_line=True, ends_mid_line=False)
             raise ValueError(f"line {number}: {exc}") from None
         if key is not None:

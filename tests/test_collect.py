@@ -109,6 +109,24 @@ def test_resume_state_drops_only_a_torn_last_line():
     assert state.done == {(0, 0), (2, 1), (4, 0)} and not state.torn_line and state.ends_mid_line
     with pytest.raises(ValueError, match="line 2: not an object|line 2: no integer"):  # damage before the end is not a torn write
         gym_vllm.resume_state((line(0, 0) + b'{"oops": 1}\n' + line(1, 0)).splitlines(keepends=True))
+    state = gym_vllm.resume_state([line(0, 0), '{"_ng_task_index": 1, "text": "é'.encode()[:-1]])  # cut inside a character
+    assert state.torn_line and state.keep_bytes == len(line(0, 0))
+    # Whole JSON that is not a record, without a newline, is someone's file, not a write cut short: it was truncated
+    for other in (b'{"important": 1}', b'[1, 2]', b'"notes"'):
+        for before in ([], [line(0, 0)]):
+            with pytest.raises(ValueError, match=f"line {len(before) + 1}: "):
+                gym_vllm.resume_state([*before, other])
+
+
+def test_collect_leaves_an_output_that_is_not_its_own_untouched(tmp_path, capsys):
+    """A one-line JSON file without its newline given as --output: the run refuses it and leaves it as it was (it was
+    taken for a record cut short by a kill, and truncated to nothing)."""
+    output = tmp_path / "notes.json"
+    output.write_bytes(b'{"important": 1}')
+    (tmp_path / "in.jsonl").write_text('{"input": "q"}\n')
+    with pytest.raises(gym_vllm.CollectError, match="is not a collect output"):
+        asyncio.run(gym_vllm.collect("http://127.0.0.1:9/v1", str(tmp_path / "in.jsonl"), str(output)))
+    assert output.read_bytes() == b'{"important": 1}'
 
 
 def test_replies_and_progress_line():
