@@ -374,6 +374,9 @@ def _die_with_parent() -> None:  # runs in the child: the kernel SIGTERMs the en
         pass
 
 
+_LOG_BLOCK = 64 * 1024  # the engine's output is read in blocks of this size; a longer line is cut into pieces
+
+
 class LocalVLLM:
     """Runs one `vllm serve`: `await start()` (or `async with`), then it is watched and restarted; `await stop()`."""
 
@@ -447,15 +450,33 @@ class LocalVLLM:
         self._log_task = asyncio.create_task(self._pump_logs(self.process))
 
     async def _pump_logs(self, process: asyncio.subprocess.Process) -> None:
-        prefix = f"[{self.engine.name}] "
+        """The engine's output, line by line, to its log (and the console). Read in blocks, not by readline: a progress
+        bar (a download, loading weights) redraws one line with `\r` for as long as it runs, and a line over the
+        stream's 64 KiB limit ended the pump; nothing read the pipe any more and the engine blocked on its next write.
+        Of a line redrawn so, its last state is kept, as a terminal shows it; a line still longer is cut into pieces."""
+        pending = b""
         with open(self.log_path, "a", encoding="utf-8") as file:
-            async for raw in process.stdout:
-                line = raw.decode("utf-8", "replace").rstrip()
-                self._tail.append(line)
-                file.write(line + "\n")
+            while block := await process.stdout.read(_LOG_BLOCK):
+                lines = (pending + block).split(b"\n")
+                pending = lines.pop()
+                if len(pending) > _LOG_BLOCK:
+                    pending = pending[pending.rfind(b"\r") + 1:]
+                    if len(pending) > _LOG_BLOCK:
+                        lines.append(pending)
+                        pending = b""
+                for raw in lines:
+                    self._log_line(file, raw)
                 file.flush()
-                if self.echo_logs:
-                    engine_output.info(prefix + line.replace(self.api_key, "***"))
+            if pending:
+                self._log_line(file, pending)
+
+    def _log_line(self, file: Any, raw: bytes) -> None:
+        raw = raw.rstrip()
+        line = raw[raw.rfind(b"\r") + 1:].decode("utf-8", "replace")
+        self._tail.append(line)
+        file.write(line + "\n")
+        if self.echo_logs:
+            engine_output.info(f"[{self.engine.name}] " + line.replace(self.api_key, "***"))
 
     async def _wait_healthy(self) -> str:
         """'healthy', 'port_taken', or the failure message with the log tail."""

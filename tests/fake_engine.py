@@ -1,7 +1,8 @@
 """A stand-in for `vllm serve` for supervisor faults a real engine cannot produce on demand.
 
 Takes vLLM's flags (only --port and --api-key matter); FAKE_ENGINE_MODE picks the behaviour:
-serve (default), exit_at_once, port_in_use (prints vLLM's bind error and exits), hang (never healthy).
+serve (default), exit_at_once, port_in_use (prints vLLM's bind error and exits), hang (never healthy), progress (first
+redraws a progress bar with `\r` for 300 KB without a newline, as a download or a weight loader's bar does, then serves).
 """
 
 import argparse
@@ -21,6 +22,11 @@ if mode == "exit_at_once":
 if mode == "port_in_use" and os.environ.get("FAKE_ENGINE_BUSY_PORT") == str(args.port):
     print(f"OSError: [Errno 98] error while attempting to bind on address ('0.0.0.0', {args.port}): address already in use", flush=True)
     sys.exit(1)
+if mode == "progress":
+    for step in range(6000):
+        sys.stdout.write(f"\rLoading safetensors checkpoint shards: {step / 60:5.1f}% |{'#' * (step // 200):<30}| {step}/6000")
+    sys.stdout.write("\n")
+    sys.stdout.flush()
 
 
 async def health(request: web.Request) -> web.Response:

@@ -278,6 +278,22 @@ async def test_startup_failure_reports_the_log_tail(tmp_path):
     assert "not healthy after 2 s" in str(info.value) and "startup_timeout_s" in str(info.value)
 
 
+async def test_an_engine_redrawing_a_progress_bar_starts_and_its_log_keeps_the_last_state(tmp_path):
+    """300 KB of a `\r`-redrawn progress bar with no newline: the log pump read lines, and one over asyncio's 64 KiB
+    limit ended it, so nothing read the engine's output, the pipe filled and the engine blocked: never healthy."""
+    async with local_vllm.LocalVLLM(fake_engine("progress", startup_timeout_s=15), log_dir=tmp_path, echo_logs=False) as engine:
+        assert await ask_engine(engine) == 200
+    log_lines = (tmp_path / "fake-engine.log").read_text().splitlines()
+    assert "Loading safetensors checkpoint shards: 100.0% |" in log_lines[0] and "5999/6000" in log_lines[0]
+    assert len(log_lines[0]) < 200 and any(line.startswith("fake engine listening") for line in log_lines)
+
+
+async def ask_engine(engine) -> int:
+    async with aiohttp.ClientSession() as http:
+        async with http.get(engine.base_url.removesuffix("/v1") + "/health") as answer:
+            return answer.status
+
+
 async def test_a_port_lost_to_a_race_is_retried_on_another(tmp_path):
     import tiny_engine
 
