@@ -37,7 +37,7 @@ import socket
 import sys
 import time
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterable, Sequence
 
 import aiohttp
 
@@ -398,6 +398,7 @@ class LocalVLLM:
         self.gave_up = asyncio.Event()
         self._tail: collections.deque[str] = collections.deque(maxlen=40)
         self._stopping = False
+        self._hurry = False  # a second Ctrl-C: stop() kills the engine's group without waiting out its grace period
         self._watch_task: asyncio.Task | None = None
         self._log_task: asyncio.Task | None = None
 
@@ -558,6 +559,10 @@ class LocalVLLM:
 
     # --- stop ------------------------------------------------------------------------------------
 
+    def hurry(self) -> None:
+        """Cuts `stop()`'s grace period short: the engine's group is killed at once (SIGKILL), still waited for."""
+        self._hurry = True
+
     async def stop(self) -> None:
         """SIGTERM the engine's process group, SIGKILL it if it lingers; never leaves a child behind."""
         self._stopping = True
@@ -574,7 +579,7 @@ class LocalVLLM:
         pgid = process.pid  # start_new_session: the engine leads its own process group
         _signal_group(pgid, signal.SIGTERM)
         deadline = time.monotonic() + grace_s
-        while _group_alive(pgid) and time.monotonic() < deadline:
+        while _group_alive(pgid) and time.monotonic() < deadline and not self._hurry:
             await asyncio.sleep(0.1)
         if _group_alive(pgid):
             log.warning("engine %s: still running %.0f s after SIGTERM; killing its process group", self.engine.name, grace_s)
@@ -645,9 +650,24 @@ async def run(plan: Plan, log_dir: str | Path = "local_vllm_logs") -> int:
         await asyncio.Event().wait()
         return 0
     finally:
-        for runner in runners:
-            await runner.cleanup()
-        await asyncio.gather(*(engine.stop() for engine in engines.values()), return_exceptions=True)
+        # Shielded from a second Ctrl-C, which cut the stop short and left an engine that ignores SIGTERM running
+        # (its group outlived us): it only makes the engines' stop kill at once.
+        stopping = asyncio.ensure_future(_shut_down(runners, engines.values()))
+        while not stopping.done():
+            try:
+                await asyncio.shield(stopping)
+            except asyncio.CancelledError:
+                if not stopping.done():
+                    log.warning("stopping at once: killing the engines' process groups")
+                    for engine in engines.values():
+                        engine.hurry()
+        stopping.result()  # what failed while stopping, if anything
+
+
+async def _shut_down(runners: Sequence[Any], engines: Iterable[LocalVLLM]) -> None:
+    for runner in runners:
+        await runner.cleanup()
+    await asyncio.gather(*(engine.stop() for engine in engines), return_exceptions=True)
 
 
 # ============================================================================================

@@ -2,11 +2,13 @@
 
 Takes vLLM's flags (only --port and --api-key matter); FAKE_ENGINE_MODE picks the behaviour:
 serve (default), exit_at_once, port_in_use (prints vLLM's bind error and exits), hang (never healthy), progress (first
-redraws a progress bar with `\r` for 300 KB without a newline, as a download or a weight loader's bar does, then serves).
+redraws a progress bar with `\r` for 300 KB without a newline, as a download or a weight loader's bar does, then serves),
+ignore_term (serves, and ignores SIGTERM).
 """
 
 import argparse
 import os
+import signal
 import sys
 
 from aiohttp import web
@@ -22,6 +24,8 @@ if mode == "exit_at_once":
 if mode == "port_in_use" and os.environ.get("FAKE_ENGINE_BUSY_PORT") == str(args.port):
     print(f"OSError: [Errno 98] error while attempting to bind on address ('0.0.0.0', {args.port}): address already in use", flush=True)
     sys.exit(1)
+if mode == "ignore_term":
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
 if mode == "progress":
     for step in range(6000):
         sys.stdout.write(f"\rLoading safetensors checkpoint shards: {step / 60:5.1f}% |{'#' * (step // 200):<30}| {step}/6000")
@@ -46,4 +50,4 @@ app = web.Application()
 app.router.add_get("/health", health)
 app.router.add_post("/v1/chat/completions", chat)
 print(f"fake engine listening on {args.port}", flush=True)
-web.run_app(app, host="127.0.0.1", port=args.port, print=None)
+web.run_app(app, host="127.0.0.1", port=args.port, print=None, handle_signals=mode != "ignore_term")

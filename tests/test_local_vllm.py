@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -378,6 +379,47 @@ def test_sigterm_during_startup_leaves_no_process(vllm_engine, tmp_path):
     process.send_signal(signal.SIGTERM)
     process.stderr.read()
     assert process.wait(timeout=60) == 0
+    with pytest.raises(ProcessLookupError):
+        os.killpg(engine_pid, 0)
+
+
+def test_a_second_ctrl_c_kills_an_engine_that_ignores_sigterm_at_once(tmp_path):
+    """Ctrl-C, then Ctrl-C again while the engine (ignoring SIGTERM) has its 20 s of grace: the supervisor kills the
+    engine's group at once and exits. The second one cancelled the stop itself: the supervisor exited at once with 0
+    and left the engine running."""
+    import tiny_engine
+    config = tmp_path / "fake.yaml"
+    config.write_text(textwrap.dedent(f"""\
+        policy_model:
+          responses_api_models:
+            local_vllm_model:
+              model: m
+              use_ray: false
+              return_token_id_information: false
+              uses_reasoning_parser: false
+              port: {tiny_engine.free_port()}
+              startup_timeout_s: 30
+              vllm_command: ["{{python}}", "{FAKE_ENGINE}"]
+              vllm_serve_kwargs: {{data_parallel_size: 1, tensor_parallel_size: 1, pipeline_parallel_size: 1}}
+              vllm_serve_env_vars: {{VLLM_RAY_DP_PACK_STRATEGY: strict, FAKE_ENGINE_MODE: ignore_term}}
+        """))
+    process = subprocess.Popen([sys.executable, "-m", "local_vllm", "--config", str(config), "--log-dir", str(tmp_path)],
+                               cwd=REPO, stderr=subprocess.PIPE, text=True)
+    engine_pid = None
+    for line in process.stderr:
+        if "engine policy_model: pid " in line:
+            engine_pid = int(line.split("pid ")[1].split(",")[0])
+        if "ready: curl" in line:
+            break
+    assert engine_pid is not None
+    process.send_signal(signal.SIGINT)
+    time.sleep(1.5)
+    os.killpg(engine_pid, 0)  # still there: it ignored SIGTERM and has its grace period
+    started = time.monotonic()
+    process.send_signal(signal.SIGINT)
+    rest = process.stderr.read()
+    assert process.wait(timeout=15) == 0 and time.monotonic() - started < 10, rest
+    assert "stopping at once" in rest
     with pytest.raises(ProcessLookupError):
         os.killpg(engine_pid, 0)
 
