@@ -165,6 +165,10 @@ def engine_from_block(block: ServerBlock) -> tuple[EngineConfig, dict]:
     engine_values = {key.field_name: _check(values, name, key.types, key.expected, where)
                      for name, key in ENGINE_KEYS.items() if name in values}
     kwargs = engine_values["serve_kwargs"] = dict(engine_values["serve_kwargs"])
+    for key, value in engine_values["env_vars"].items():  # str(False) is "False", str(None) "None": vLLM's int() fails
+        if value is None or isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise ConfigError(f"{where.key('vllm_serve_env_vars', key)}: an environment variable's value is a string or a "
+                              f"number, got {value!r}; write 0 or 1 for a flag, or quote the text")
     env_vars = engine_values["env_vars"] = {str(k): str(v) for k, v in engine_values["env_vars"].items()}
     for key in _REQUIRED_PARALLEL:
         if not isinstance(kwargs.get(key), int) or isinstance(kwargs.get(key), bool) or kwargs[key] < 1:
@@ -185,7 +189,7 @@ def engine_from_block(block: ServerBlock) -> tuple[EngineConfig, dict]:
             raise ConfigError(f"{where.key('vllm_command')}: must be a non-empty list of strings")
         engine_values["vllm_command"] = tuple(command)
     for key in ("startup_timeout_s", "restart_backoff_s"):
-        if key in engine_values and engine_values[key] <= 0:
+        if key in engine_values and not engine_values[key] > 0:  # not `<= 0`: NaN is neither, and never ran out
             raise ConfigError(f"{where.key(key)}: must be positive")
     engine = EngineConfig(name=block.name, source=block.source, **engine_values)
     proxy_values = {k: v for k, v in values.items() if k in proxy_keys}
@@ -213,7 +217,8 @@ def engine_from_deployment(block: ServerBlock) -> tuple[EngineConfig, dict]:
         raise ConfigError(f"{where}: give exactly one of `checkpoint_path` (a local directory) or `hf_model_handle`")
     kwargs: dict = {key: values.get(key, 1) for key in _REQUIRED_PARALLEL}
     for key in _REQUIRED_PARALLEL:
-        _check(kwargs, key, (int,), "a positive integer", where)
+        if _check(kwargs, key, (int,), "a positive integer", where) < 1:
+            raise ConfigError(f"{where.key(key)}: must be a positive integer (1 if unused), got {kwargs[key]}")
     if values.get("served_model_name"):
         kwargs["served_model_name"] = _check(values, "served_model_name", (str,), "a string", where)
     if values.get("gpu_memory_utilization") is not None:
@@ -221,6 +226,15 @@ def engine_from_deployment(block: ServerBlock) -> tuple[EngineConfig, dict]:
     extra = values.get("extra_args") or ""
     if not isinstance(extra, (str, list)):
         raise ConfigError(f"{where.key('extra_args')}: expected a string of `vllm serve` options or a list")
+    try:
+        extra_args = tuple(shlex.split(extra) if isinstance(extra, str) else map(str, extra))
+    except ValueError as exc:  # an unbalanced quote
+        raise ConfigError(f"{where.key('extra_args')}: cannot be split into options ({exc}); balance its quotes") from None
+    for option in extra_args:
+        name = option.split("=", 1)[0].removeprefix("--").replace("-", "_")
+        if option.startswith("--") and name in _ALWAYS_INJECTED:
+            fix = "use the deployment's `port`" if name == "port" else "remove it"
+            raise ConfigError(f"{where.key('extra_args')}: `{option.split('=', 1)[0]}` is set by local_vllm; {fix}")
     endpoints = values.get("endpoints") or {}
     if not isinstance(endpoints, dict):
         raise ConfigError(f"{where.key('endpoints')}: expected a mapping {{chat, completions, health}}")
@@ -231,7 +245,7 @@ def engine_from_deployment(block: ServerBlock) -> tuple[EngineConfig, dict]:
     if port is not None:
         _check(values, "port", (int,), "an integer", where)
     engine = EngineConfig(name="deployment", source=block.source, model=values[sources[0]], serve_kwargs=kwargs,
-                          env_vars={"VLLM_RAY_DP_PACK_STRATEGY": "strict"}, use_ray=False, port=port, extra_args=tuple(shlex.split(extra) if isinstance(extra, str) else map(str, extra)),
+                          env_vars={"VLLM_RAY_DP_PACK_STRATEGY": "strict"}, use_ray=False, port=port, extra_args=extra_args,
                           health_path=str(endpoints.get("health", "/health")), api_path=chat[: -len("/chat/completions")])
     proxy = {"model": engine.served_model_name, "return_token_id_information": False, "uses_reasoning_parser": False}
     return engine, proxy
@@ -437,6 +451,9 @@ class LocalVLLM:
             if outcome == "port_taken" and self.engine.port is None:
                 log.warning("engine %s: port %d was taken by someone else; retrying on another port", self.engine.name, self.port)
                 continue
+            if outcome == "port_taken":
+                raise EngineError(f"engine {self.engine.name}: port {self.port} is already in use (the engine's log "
+                                  f"{self.log_path} says so); choose another `port` in {self.engine.source}")
             raise EngineError(outcome)
         raise EngineError(f"engine {self.engine.name}: no port could be bound after 5 attempts")
 
@@ -444,9 +461,13 @@ class LocalVLLM:
         argv, env = engine_command(self.engine, self.port, self.api_key)
         self._tail.clear()
         log.info("engine %s: starting on port %d: %s", self.engine.name, self.port, masked(argv, self.api_key))
-        self.process = await asyncio.create_subprocess_exec(
-            *argv, env={**os.environ, **env}, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent)
+        try:
+            self.process = await asyncio.create_subprocess_exec(
+                *argv, env={**os.environ, **env}, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
+                stderr=asyncio.subprocess.STDOUT, start_new_session=True, preexec_fn=_die_with_parent)
+        except OSError as exc:  # the program is not there or cannot run
+            raise EngineError(f"engine {self.engine.name}: cannot run {argv[0]}: {exc.strerror or exc}; check "
+                              f"`vllm_command` in {self.engine.source}, or install vLLM") from None
         log.info("engine %s: pid %d, log %s", self.engine.name, self.process.pid, self.log_path)
         self._log_task = asyncio.create_task(self._pump_logs(self.process))
 

@@ -85,6 +85,11 @@ def test_engine_command_injects_ray_port_key_and_download_dir():
     (local_values(hf_hom="/x"), "unknown key (did you mean `hf_home`?)"),
     (local_values(use_ray="no"), "use_ray: expected true or false"),
     ({k: v for k, v in local_values().items() if k != "model"}, "model: required key is missing"),
+    # found by a review: YAML's false and null became "False" and "None" (vLLM's int() of them fails); NaN never ran out
+    (local_values(vllm_serve_env_vars={"VLLM_RAY_DP_PACK_STRATEGY": "strict", "VLLM_USE_V1": False}),
+     "vllm_serve_env_vars.VLLM_USE_V1: an environment variable's value is a string or a number, got False"),
+    (local_values(vllm_serve_env_vars={"VLLM_RAY_DP_PACK_STRATEGY": "strict", "HF_TOKEN": None}), "HF_TOKEN: an environment"),
+    (local_values(startup_timeout_s=float("nan")), "startup_timeout_s: must be positive"),
 ])
 def test_engine_config_errors(values, fragment):
     with pytest.raises(ConfigError) as info:
@@ -134,7 +139,12 @@ def test_evaluator_deployment_block():
     assert engine.port == 8000 and not engine.use_ray and argv[-2:] == ["--max-model-len", "4096"]
     assert argv[argv.index("--tensor-parallel-size") + 1] == "2" and plan.servers[0][0].model == "q"
     for bad, fragment in (({"type": "sglang", "hf_model_handle": "m"}, "only `vllm`"), ({"type": "vllm"}, "exactly one of"),
-                          ({"type": "vllm", "hf_model_handle": "m", "prot": 1}, "did you mean `port`")):
+                          ({"type": "vllm", "hf_model_handle": "m", "prot": 1}, "did you mean `port`"),
+                          # found by a review: a traceback, and options local_vllm sets, and no parallelism at all
+                          ({"type": "vllm", "hf_model_handle": "m", "extra_args": "--chat-template 'x"}, "balance its quotes"),
+                          ({"type": "vllm", "hf_model_handle": "m", "extra_args": "--port 19000"}, "`--port` is set by local_vllm"),
+                          ({"type": "vllm", "hf_model_handle": "m", "extra_args": ["--api-key=s"]}, "`--api-key` is set by"),
+                          ({"type": "vllm", "hf_model_handle": "m", "tensor_parallel_size": 0}, "must be a positive integer")):
         with pytest.raises(ConfigError) as info:
             local_vllm.plan_from_blocks([block(bad, "deployment", "deployment")])
         assert fragment in str(info.value)
@@ -293,6 +303,22 @@ async def ask_engine(engine) -> int:
     async with aiohttp.ClientSession() as http:
         async with http.get(engine.base_url.removesuffix("/v1") + "/health") as answer:
             return answer.status
+
+
+async def test_an_engine_that_cannot_start_is_a_one_line_error(tmp_path):
+    """A `vllm_command` that is not there, and a fixed port someone holds: each an EngineError that says what to fix
+    (the first was a traceback at the CLI, the second `local_vllm: error: port_taken`). Found by a review."""
+    missing = local_vllm.LocalVLLM(fake_engine(vllm_command=(str(tmp_path / "no-such-vllm"), "serve")), log_dir=tmp_path,
+                                   echo_logs=False)
+    with pytest.raises(local_vllm.EngineError, match=r"cannot run .*no-such-vllm: No such file or directory; check "
+                                                     r"`vllm_command` in test.yaml"):
+        await missing.start()
+    import tiny_engine
+    taken = tiny_engine.free_port()
+    engine = fake_engine("port_in_use", port=taken, env_vars={"VLLM_RAY_DP_PACK_STRATEGY": "strict", "FAKE_ENGINE_MODE": "port_in_use",
+                                                              "FAKE_ENGINE_BUSY_PORT": str(taken)})
+    with pytest.raises(local_vllm.EngineError, match=f"port {taken} is already in use .*choose another `port` in test.yaml"):
+        await local_vllm.LocalVLLM(engine, log_dir=tmp_path, echo_logs=False).start()
 
 
 async def test_a_port_lost_to_a_race_is_retried_on_another(tmp_path):
