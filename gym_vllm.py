@@ -631,6 +631,9 @@ def check_config_type(value: Any, types: tuple, what: str, where: ConfigPlace | 
     return value
 
 
+_HEADER_UNSAFE = re.compile(r"[^\x20-\x7e]")  # what an API key cannot hold to go in an HTTP header as it is
+
+
 # Fields no `extra_body` (the config's or a request's `metadata.extra_body`) may set: the proxy writes them, or reads them
 # to relay vLLM's answer (a stream asked for there would reach a client that expects one JSON reply).
 _NOT_EXTRA_BODY = frozenset({"stream", "stream_options", "messages", "model"})
@@ -664,6 +667,10 @@ def server_config_from_dict(name: str, values: dict, source: str = "<python>", w
         raise ConfigError(f"{where.key('max_concurrent_requests_per_upstream')}: must be 0 (no limit) or more")
     if kwargs.get("server_api_key") == "":
         raise ConfigError(f"{where.key('server_api_key')}: must not be empty; leave it out to serve without a key")
+    for key in ("api_key", "server_api_key"):  # sent, or compared, as an HTTP header: every request failed (a 500)
+        if kwargs.get(key) is not None and _HEADER_UNSAFE.search(kwargs[key]):
+            raise ConfigError(f"{where.key(key)}: holds a control character (a newline from an env file or a YAML `|` "
+                              f"block?) or non-ASCII text, which no HTTP header carries; remove it")
     if not 0 <= kwargs.get("port", 0) <= 65535:
         raise ConfigError(f"{where.key('port')}: must be between 0 and 65535, got {kwargs['port']}")
     extra_body = kwargs.get("extra_body") or {}
@@ -916,6 +923,8 @@ _UNSUPPORTED_FIELDS = {
     "prompt": "stored prompt templates are not supported; send `instructions` and `input`",
     "context_management": "context management is not supported",
     "max_tool_calls": "max_tool_calls is not supported by vLLM's chat API",
+    # passed through by name, it replaced the converted `input` and `instructions` in what vLLM got
+    "messages": "`messages` is a Chat Completions field: send the history as `input` items (or use /v1/chat/completions)",
 }
 # Echoed on the Response object, never sent to vLLM.
 _ECHO_ONLY_FIELDS = {"model", "metadata", "store", "service_tier", "prompt_cache_key", "safety_identifier", "truncation", "include"}
@@ -2307,7 +2316,8 @@ class SessionTable:
 
 
 def _affinity_score(session_id: str, base_url: str) -> int:
-    return int.from_bytes(hashlib.blake2b(f"{session_id}\0{base_url}".encode(), digest_size=8).digest(), "big")
+    # surrogateescape: aiohttp gives a header's bytes that are not UTF-8 as lone surrogates
+    return int.from_bytes(hashlib.blake2b(f"{session_id}\0{base_url}".encode("utf-8", "surrogateescape"), digest_size=8).digest(), "big")
 
 
 @dataclasses.dataclass
@@ -2583,7 +2593,10 @@ def _json_response(body: Any, status: int = 200) -> web.Response:
 
 
 async def _read_json_object(request: web.Request) -> dict:
-    raw = await request.read()  # over client_max_size -> HTTPRequestEntityTooLarge, rendered by the middleware
+    try:
+        raw = await request.read()  # over client_max_size -> HTTPRequestEntityTooLarge, rendered by the middleware
+    except web.RequestPayloadError as exc:  # say, gzip that does not decompress (was a 500)
+        raise bad_request(f"request body cannot be read: {exc}") from None
     try:
         body = _loads(raw, sendable=True)
     except LoneSurrogate as exc:
@@ -2686,16 +2699,21 @@ def _error_message(body: Any) -> str | None:
             value = body.get(key)
             if isinstance(value, dict):
                 if value.get("message"):
-                    return str(value["message"])
+                    return _text_of(value["message"])
             elif value:
-                return str(value)
+                return _text_of(value)  # FastAPI's 422 `detail` is a list of objects: as JSON, not a Python repr
     return None
+
+
+def _text_of(value: Any) -> str:
+    return value if isinstance(value, str) else _dumps(value)
 
 
 def _upstream_failure(config: ServerConfig, url: str, status: int, body: Any) -> ApiError:
     """Maps an upstream non-200 to the client's error: 4xx keep status and message, the rest are 502."""
     error = body.get("error") if isinstance(body, dict) else None
-    message = _error_message(body) or str(error or body)
+    message = _error_message(body) or (f"vLLM at {url} answered HTTP {status} with no error message"  # never ""
+                                       + (f": {_dumps(body)[:300]}" if body not in (None, "") else " (an empty body)"))
     if status in (401, 403):
         return upstream_error(f"vLLM at {url} rejected the api_key of server `{config.name}` ({config.source}); "
                               f"set `api_key` to the key vllm serve was started with", code="upstream_auth_failed")
@@ -3626,7 +3644,7 @@ async def _answer(context: RequestContext, handler) -> web.StreamResponse:
     request, config = context.request, context.config
     try:
         if config.server_api_key and request.path != "/health":  # liveness probes carry no key
-            supplied = request.headers.get("Authorization", "").encode()
+            supplied = request.headers.get("Authorization", "").encode("utf-8", "surrogateescape")  # bytes as sent
             if not hmac.compare_digest(supplied, b"Bearer " + config.server_api_key.encode()):
                 raise ApiError(401, "missing or incorrect API key: send `Authorization: Bearer <server_api_key>`",
                                code="invalid_api_key")

@@ -124,6 +124,9 @@ def test_later_files_win_and_merge(tmp_path):
     (REQUIRED + "      extra_body: {structured_outputs: {on: 1}}\n", "`extra_body.structured_outputs` has the key True, which is not a string"),
     (REQUIRED + "      chat_template_kwargs: {budget: .inf}\n", "`chat_template_kwargs.budget` is inf, which JSON cannot carry"),
     (REQUIRED + "      chat_template_kwargs: {tags: [a, !!binary YQ==]}\n", "`chat_template_kwargs.tags[1]` is a bytes"),
+    # no HTTP header carries them: every request was a 500
+    (REQUIRED.replace("api_key: k", 'api_key: "k\\n"'), "api_key: holds a control character"),
+    (REQUIRED + '      server_api_key: "s\\te"\n', "server_api_key: holds a control character"),
 ])
 def test_config_errors_name_file_and_key(tmp_path, body, fragment):
     path = server(tmp_path, body)

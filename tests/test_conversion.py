@@ -131,6 +131,7 @@ def test_tools_tool_choice_and_parallel_calls():
     ({"input": "q", "tools": [{"type": "function"}]}, "tools[0].name"),
     ({"input": "q", "tools": "f"}, "tools"),
     ({"input": "q", "previous_response_id": "resp_1"}, "previous_response_id"),
+    ({"input": "A", "messages": [{"role": "user", "content": "B"}]}, "messages"),  # replaced what `input` became
     ({"input": "q", "background": True}, "background"),
     ({"input": "q", "conversation": "c"}, "conversation"),
     ({"input": "q", "stream": "yes"}, "stream"),

@@ -10,6 +10,8 @@ import aiohttp
 import openai
 import pytest
 
+import gym_vllm
+
 from conftest import VLLM_API_KEY, assert_openai_error, server_config, strict_client
 
 
@@ -356,3 +358,71 @@ async def test_hundreds_of_malformed_requests_get_4xx_never_5xx(fake_upstreams, 
                     assert_openai_error(answer.status, await answer.json())
     assert all(status < 500 for status in statuses)
     assert statuses.count(400) > 150  # the generator mostly produces bad input: the check is not vacuous
+
+
+# --- found by an HTTP-level review (session 16): each was a 500, or an error with no message -----------------------------
+
+
+async def raw_http(port: int, request: bytes) -> tuple[int, bytes]:
+    """One request written byte for byte (headers that are not UTF-8, which clients would refuse to send)."""
+    import asyncio
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 10)
+    writer.close()
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return int(head.split()[1]), body
+
+
+def raw_post(body: bytes, headers: bytes = b"") -> bytes:
+    return (b"POST /v1/responses HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: %d\r\n"
+            b"Connection: close\r\n%s\r\n%s" % (len(body), headers, body))
+
+
+def port_of(base: str) -> int:
+    return int(base.rsplit(":", 1)[1].split("/")[0])
+
+
+async def test_headers_that_are_not_utf8_are_read_as_sent(fake_upstreams, proxy, aiohttp_server):
+    """An Authorization header that is not UTF-8 with `server_api_key` set is a 401, and an X-Session-ID that is not with
+    several workers (the session's upstream by a hash of it) is served: both were a UnicodeEncodeError, a 500."""
+    (_, a), (_, b) = await fake_upstreams(2)
+    keyed = await proxy(server_config(a, server_api_key="srv-key"))
+    status, body = await raw_http(port_of(keyed), raw_post(b'{"input":"hi"}', b"Authorization: Bearer srv-k\xe9y\r\n"))
+    assert status == 401 and assert_openai_error(status, json.loads(body))["code"] == "invalid_api_key"
+    workers = await aiohttp_server(gym_vllm.build_app(server_config([a, b]), workers=2))
+    for session in (b"\xff\xfe", b"caf\xe9"):
+        status, body = await raw_http(workers.port, raw_post(b'{"input":"hi"}', b"X-Session-ID: %b\r\n" % session))
+        assert status == 200, body
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "deflate"])
+async def test_a_body_that_does_not_decompress_is_a_400(fake_upstreams, proxy, encoding, caplog):
+    [(_, url)] = await fake_upstreams(1)
+    base = await proxy(server_config(url))
+    async with aiohttp.ClientSession() as http:
+        async with http.post(base + "/responses", data=b"not compressed",
+                             headers={"Content-Encoding": encoding, "Content-Type": "application/json"}) as answer:
+            error = assert_openai_error(answer.status, await answer.json())
+    assert answer.status == 400 and "request body cannot be read" in error["message"]
+    assert "internal error" not in caplog.text  # (aiohttp itself logs the rest of the body failing as it drains it)
+
+
+@pytest.mark.parametrize("reply, fragment", [
+    (b"", "answered HTTP 400 with no error message (an empty body)"),
+    (b'{"error": {"message": ""}}', 'answered HTTP 400 with no error message: {"error":{"message":""}}'),
+    (b'{"detail": [{"loc": ["body", "x"], "msg": "field required"}]}', '[{"loc":["body","x"],"msg":"field required"}]'),
+], ids=["empty", "empty-message", "fastapi-detail"])
+async def test_an_upstream_4xx_without_a_message_says_what_came(aiohttp_server, proxy, reply, fragment):
+    """vLLM's 4xx with an empty body gave an error whose message was "" (no message, for strict clients no error); an
+    odd body's text was a Python repr."""
+    from aiohttp import web
+    upstream = web.Application()
+    upstream.router.add_post("/v1/chat/completions", lambda request: web.Response(status=400, body=reply))
+    server = await aiohttp_server(upstream)
+    base = await proxy(server_config(f"http://127.0.0.1:{server.port}/v1", health_check_interval_s=None))
+    async with aiohttp.ClientSession() as http:
+        async with http.post(base + "/responses", json={"input": "q"}) as answer:
+            error = assert_openai_error(answer.status, await answer.json())
+    assert answer.status == 400 and fragment in error["message"], error
