@@ -1901,6 +1901,7 @@ class ResponsesStream:
         self.open_item: dict | None = None     # the item whose events are in flight
         self.message_text: list[str] = []      # text of the open message item
         self.tool_index: Any = None            # upstream index of the open function_call item
+        self.tool_indexes_done: list = []      # those of the function_call items closed before it
         self.phase = "lead" if config.uses_reasoning_parser else "text"  # lead -> think -> text
         self.held = ""                         # text held back while a leading <think> may still come or close
         self.held_pieces: list[str] = []       # and what came after it inside the block, not yet joined
@@ -2083,11 +2084,20 @@ class ResponsesStream:
             raise _malformed("choices[0].delta.tool_calls", "a list of {index, id, function: {name, arguments}}")
         function = call.get("function") or {}
         index = call.get("index", 0)
+        call_id = call.get("id") if isinstance(call.get("id"), str) and call.get("id") else None
         if self.phase != "text":
             self._release_held(events)
-        if self.open_item is None or self.open_item["type"] != "function_call" or index != self.tool_index:
+        open_call = self.open_item is not None and self.open_item["type"] == "function_call"
+        # A new call: another index, or another id on the same one (some tool parsers number every call 0)
+        if not open_call or index != self.tool_index or (call_id is not None and call_id != self.open_item["call_id"]):
+            if index in self.tool_indexes_done and call_id is None:
+                # its item was closed, its arguments sent whole: this delta would have made a call of its own
+                raise _malformed("choices[0].delta.tool_calls",
+                                 f"one call after another: a delta for call {index!r} came after a later call began")
+            if open_call:
+                self.tool_indexes_done.append(self.tool_index)
             self._close_open_item(events)
-            call_id = call.get("id") if isinstance(call.get("id"), str) and call.get("id") else _new_id("call")
+            call_id = call_id or _new_id("call")
             item = {"id": _new_id("fc"), "type": "function_call", "status": "in_progress", "call_id": call_id,
                     "name": function.get("name") or "", "arguments": ""}
             self._add_item(events, item)

@@ -164,6 +164,24 @@ def test_tool_calls_stream_as_function_call_items():
     assert normalized(final) == normalized(expected)
 
 
+def test_tool_calls_are_told_apart_by_their_id_too_and_never_split():
+    """Found by a review: a second call that reuses index 0 with its own id and name (as some tool parsers number every
+    call) was glued onto the first (its name dropped, the arguments joined); a delta for a call whose item was already
+    closed became a nameless call of its own, the first call's arguments cut. The first is two calls, as without
+    streaming; the second cannot be relayed whole after the fact: a 502, never split arguments."""
+    same_index = [chunk({"tool_calls": [{"index": 0, "id": "c0", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}),
+                  chunk({"tool_calls": [{"index": 0, "id": "c1", "type": "function", "function": {"name": "g", "arguments": "{\"x\""}}]}),
+                  chunk({"tool_calls": [{"index": 0, "function": {"arguments": ": 1}"}}]}),
+                  chunk({}, "tool_calls")]
+    final = check_lifecycle(run(same_index))
+    assert [(i["call_id"], i["name"], i["arguments"]) for i in final["output"]] == [("c0", "f", "{}"), ("c1", "g", '{"x": 1}')]
+    back = [chunk({"tool_calls": [{"index": 0, "id": "c0", "type": "function", "function": {"name": "f", "arguments": "{\"a\""}}]}),
+            chunk({"tool_calls": [{"index": 1, "id": "c1", "type": "function", "function": {"name": "g", "arguments": "{}"}}]}),
+            chunk({"tool_calls": [{"index": 0, "function": {"arguments": ": 1}"}}]})]
+    with pytest.raises(ApiError, match="a delta for call 0 came after a later call began"):
+        run(back)
+
+
 def test_upstream_failure_mid_stream():
     machine = gym_vllm.ResponsesStream({"input": "q", "stream": True}, BASE)
     events = machine.start() + machine.feed(chunk({"content": "partial"}))
