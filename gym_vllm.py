@@ -2348,6 +2348,7 @@ class Upstream:
     requests: int = 0       # requests it has taken
     ejections: int = 0
     restarts: int = 0       # of the engine behind it, counted by local_vllm
+    ejected_at: float = 0.0  # time.monotonic() of its last ejection
 
     @property
     def usable(self) -> bool:
@@ -2370,17 +2371,30 @@ class Balancer:
     """
 
     def __init__(self, base_urls: Sequence[str], table: SessionTable, eject_after: int = 3, readmit_after: int = 2,
-                 name: str = "", deterministic: bool = False) -> None:
+                 name: str = "", deterministic: bool = False, retry_ejected_after_s: float | None = None) -> None:
         self.upstreams = [Upstream(url) for url in base_urls]
         self.sessions = table
         self.eject_after = eject_after
         self.readmit_after = readmit_after
         self.name = name
         self.deterministic = deterministic
+        # Without health checks nothing readmitted an ejected upstream: every request was a 503 for good. Then it takes
+        # requests again this long after its ejection, on probation: one more failure ejects it again at once.
+        self.retry_ejected_after_s = retry_ejected_after_s
         self._next = 0
+
+    def _retry_ejected(self) -> None:
+        now = time.monotonic()
+        for upstream in self.upstreams:
+            if not upstream.healthy and now - upstream.ejected_at >= self.retry_ejected_after_s:
+                upstream.healthy, upstream.failures, upstream.successes = True, self.eject_after - 1, 0
+                log.info("server %s: upstream %s taking requests again, %.0f s after its ejection (no health checks)",
+                         self.name, upstream.base_url, self.retry_ejected_after_s)
 
     def upstream_for(self, session_id: str | None, exclude: Sequence[Upstream] = ()) -> Upstream:
         """The session's upstream; re-pinned round-robin if it is not usable. 503 when nothing is usable."""
+        if self.retry_ejected_after_s is not None:
+            self._retry_ejected()
         if len(self.upstreams) == 1 and not exclude:
             upstream = self.upstreams[0]
             if not upstream.usable:
@@ -2424,6 +2438,7 @@ class Balancer:
         upstream.last_error = detail or upstream.last_error
         if upstream.healthy and upstream.failures >= self.eject_after:
             upstream.healthy = False
+            upstream.ejected_at = time.monotonic()
             upstream.ejections += 1
             log.warning("server %s: upstream %s ejected after %d failures in a row: %s", self.name, upstream.base_url,
                         upstream.failures, detail)
@@ -3779,6 +3794,9 @@ async def _health_checks(app: web.Application):
     await asyncio.gather(task, return_exceptions=True)
 
 
+PASSIVE_RETRY_S = 5.0  # without health checks, an ejected upstream takes requests again this long after its ejection
+
+
 def _body_limit(config: ServerConfig) -> int:
     return int(config.max_request_body_mb * 1024 * 1024)
 
@@ -3792,7 +3810,8 @@ def build_app(config: ServerConfig, workers: int = 1, metrics_dir: str | None = 
     app = web.Application(middlewares=[error_middleware], client_max_size=_body_limit(config))
     app[CONFIG_KEY] = config
     app[BALANCER_KEY] = Balancer(config.base_url, SessionTable(config.session_table_size, config.session_idle_timeout_s),
-                                 config.eject_after_failures, config.readmit_after_successes, config.name, deterministic=workers > 1)
+                                 config.eject_after_failures, config.readmit_after_successes, config.name, deterministic=workers > 1,
+                                 retry_ejected_after_s=None if config.health_check_interval_s else PASSIVE_RETRY_S)
     app[STREAM_TIMEOUT_KEY] = aiohttp.ClientTimeout(total=config.request_timeout_s, sock_connect=config.connect_timeout_s,
                                                     sock_read=config.stream_idle_timeout_s)
     app[STARTED_KEY] = time.time()

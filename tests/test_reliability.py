@@ -87,6 +87,44 @@ async def test_no_healthy_upstream_is_a_503_at_once(fake_upstreams, proxy):
     assert (await post(base))[0] == 200
 
 
+async def test_without_health_checks_an_ejected_upstream_takes_requests_again(aiohttp_server, proxy, monkeypatch):
+    """`health_check_interval_s: null`: only successes readmitted an ejected upstream and only health checks or
+    requests to it made them, so three 504s (a restart) made every later request a 503 for good. Found by a review."""
+    monkeypatch.setattr(gym_vllm, "PASSIVE_RETRY_S", 0.3)
+    calls = []
+
+    async def chat(request):
+        calls.append(1)
+        if len(calls) <= 3:
+            return web.Response(status=504, text="gateway timeout")
+        return web.json_response({"created": 1, "choices": [{"message": {"content": "ok"}, "finish_reason": "stop"}]})
+
+    upstream = web.Application()
+    upstream.router.add_post("/v1/chat/completions", chat)
+    base = await proxy(server_config(f"http://127.0.0.1:{(await aiohttp_server(upstream)).port}/v1", health_check_interval_s=None))
+    assert [(await post(base))[0] for _ in range(4)] == [502, 502, 502, 503]  # ejected after three
+    await asyncio.sleep(0.35)
+    assert (await post(base))[0] == 200 and len(calls) == 4
+
+
+def test_an_upstream_on_probation_is_ejected_again_by_one_failure():
+    balancer = gym_vllm.Balancer(["http://a/v1"], gym_vllm.SessionTable(10, 60), eject_after=3, retry_ejected_after_s=0.05)
+    [upstream] = balancer.upstreams
+    for _ in range(3):
+        balancer.record(upstream, False, "HTTP 504")
+    with pytest.raises(gym_vllm.ApiError):
+        balancer.upstream_for(None)
+    time.sleep(0.06)
+    assert balancer.upstream_for(None) is upstream  # on probation
+    balancer.record(upstream, False, "HTTP 504")
+    assert not upstream.healthy and upstream.ejections == 2
+    time.sleep(0.06)
+    assert balancer.upstream_for(None) is upstream
+    balancer.record(upstream, True)
+    balancer.record(upstream, False, "HTTP 504")  # a success ended the probation: one failure no longer ejects
+    assert upstream.healthy
+
+
 async def test_server_api_key(fake_upstreams, proxy, caplog):
     [(_, url)] = await fake_upstreams(1)
     base = await proxy(server_config(url, server_api_key="proxy-secret-9"))
