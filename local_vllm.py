@@ -598,14 +598,20 @@ class LocalVLLM:
         if process is None:
             return
         pgid = process.pid  # start_new_session: the engine leads its own process group
+
+        def alive() -> bool:
+            if process.returncode is not None:  # asyncio has reaped the leader: what is left to reap is ours
+                _reap_group(pgid)
+            return _group_alive(pgid)
+
         _signal_group(pgid, signal.SIGTERM)
         deadline = time.monotonic() + grace_s
-        while _group_alive(pgid) and time.monotonic() < deadline and not self._hurry:
+        while alive() and time.monotonic() < deadline and not self._hurry:
             await asyncio.sleep(0.1)
-        if _group_alive(pgid):
+        if alive():
             log.warning("engine %s: still running %.0f s after SIGTERM; killing its process group", self.engine.name, grace_s)
             _signal_group(pgid, signal.SIGKILL)
-            while _group_alive(pgid):
+            while alive():
                 await asyncio.sleep(0.05)
         if process.returncode is None:
             await process.wait()
@@ -621,6 +627,20 @@ def _signal_group(pgid: int, sig: signal.Signals) -> None:
         os.killpg(pgid, sig)
     except ProcessLookupError:
         pass
+
+
+def _reap_group(pgid: int) -> None:
+    """Reaps the exited members of the engine's group that became our children: as PID 1 (a container without an
+    init, as the Dockerfile's) or a subreaper, the engine's orphaned workers (its own process killed, say by the OOM
+    killer) are ours when they exit, and a zombie keeps the group alive to killpg: the restart, and a shutdown, waited
+    for good. Only once asyncio has reaped the leader, whose exit status it waits for."""
+    while True:
+        try:
+            pid, _ = os.waitpid(-pgid, os.WNOHANG)
+        except ChildProcessError:  # none left in the group
+            return
+        if pid == 0:  # members left, none exited
+            return
 
 
 def _group_alive(pgid: int) -> bool:

@@ -3,7 +3,8 @@
 Takes vLLM's flags (only --port and --api-key matter); FAKE_ENGINE_MODE picks the behaviour:
 serve (default), exit_at_once, port_in_use (prints vLLM's bind error and exits), hang (never healthy), progress (first
 redraws a progress bar with `\r` for 300 KB without a newline, as a download or a weight loader's bar does, then serves),
-ignore_term (serves, and ignores SIGTERM).
+ignore_term (serves, and ignores SIGTERM), fork_worker (serves, with a worker process in its process group, as vLLM's
+engine core and workers are).
 """
 
 import argparse
@@ -24,6 +25,8 @@ if mode == "exit_at_once":
 if mode == "port_in_use" and os.environ.get("FAKE_ENGINE_BUSY_PORT") == str(args.port):
     print(f"OSError: [Errno 98] error while attempting to bind on address ('0.0.0.0', {args.port}): address already in use", flush=True)
     sys.exit(1)
+if mode == "fork_worker" and os.fork() == 0:
+    os.execv(sys.executable, [sys.executable, "-c", "import time; time.sleep(600)"])
 if mode == "ignore_term":
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 if mode == "progress":

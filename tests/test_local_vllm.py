@@ -409,10 +409,9 @@ def test_sigterm_during_startup_leaves_no_process(vllm_engine, tmp_path):
         os.killpg(engine_pid, 0)
 
 
-def test_a_second_ctrl_c_kills_an_engine_that_ignores_sigterm_at_once(tmp_path):
-    """Ctrl-C, then Ctrl-C again while the engine (ignoring SIGTERM) has its 20 s of grace: the supervisor kills the
-    engine's group at once and exits. The second one cancelled the stop itself: the supervisor exited at once with 0
-    and left the engine running."""
+def supervisor_of_a_fake_engine(tmp_path, mode: str, subreaper: bool = False) -> tuple[subprocess.Popen, int]:
+    """`python -m local_vllm` with the fake engine in `mode`, once ready: (the process, the engine's pid). `subreaper`:
+    the supervisor reaps orphans, as PID 1 does in a container without an init (the Dockerfile's way)."""
     import tiny_engine
     config = tmp_path / "fake.yaml"
     config.write_text(textwrap.dedent(f"""\
@@ -425,12 +424,16 @@ def test_a_second_ctrl_c_kills_an_engine_that_ignores_sigterm_at_once(tmp_path):
               uses_reasoning_parser: false
               port: {tiny_engine.free_port()}
               startup_timeout_s: 30
+              restart_backoff_s: 0.5
               vllm_command: ["{{python}}", "{FAKE_ENGINE}"]
               vllm_serve_kwargs: {{data_parallel_size: 1, tensor_parallel_size: 1, pipeline_parallel_size: 1}}
-              vllm_serve_env_vars: {{VLLM_RAY_DP_PACK_STRATEGY: strict, FAKE_ENGINE_MODE: ignore_term}}
+              vllm_serve_env_vars: {{VLLM_RAY_DP_PACK_STRATEGY: strict, FAKE_ENGINE_MODE: {mode}}}
         """))
-    process = subprocess.Popen([sys.executable, "-m", "local_vllm", "--config", str(config), "--log-dir", str(tmp_path)],
-                               cwd=REPO, stderr=subprocess.PIPE, text=True)
+    argv = [sys.executable, "-m", "local_vllm", "--config", str(config), "--log-dir", str(tmp_path)]
+    if subreaper:  # PR_SET_CHILD_SUBREAPER (36) survives the exec
+        argv = [sys.executable, "-c", "import ctypes, os, sys; ctypes.CDLL('libc.so.6').prctl(36, 1); "
+                                      "os.execv(sys.argv[1], sys.argv[1:])", *argv]
+    process = subprocess.Popen(argv, cwd=REPO, stderr=subprocess.PIPE, text=True)
     engine_pid = None
     for line in process.stderr:
         if "engine policy_model: pid " in line:
@@ -438,6 +441,14 @@ def test_a_second_ctrl_c_kills_an_engine_that_ignores_sigterm_at_once(tmp_path):
         if "ready: curl" in line:
             break
     assert engine_pid is not None
+    return process, engine_pid
+
+
+def test_a_second_ctrl_c_kills_an_engine_that_ignores_sigterm_at_once(tmp_path):
+    """Ctrl-C, then Ctrl-C again while the engine (ignoring SIGTERM) has its 20 s of grace: the supervisor kills the
+    engine's group at once and exits. The second one cancelled the stop itself: the supervisor exited at once with 0
+    and left the engine running."""
+    process, engine_pid = supervisor_of_a_fake_engine(tmp_path, "ignore_term")
     process.send_signal(signal.SIGINT)
     time.sleep(1.5)
     os.killpg(engine_pid, 0)  # still there: it ignored SIGTERM and has its grace period
@@ -448,6 +459,28 @@ def test_a_second_ctrl_c_kills_an_engine_that_ignores_sigterm_at_once(tmp_path):
     assert "stopping at once" in rest
     with pytest.raises(ProcessLookupError):
         os.killpg(engine_pid, 0)
+
+
+def test_as_pid_1_an_engine_killed_under_its_workers_is_restarted_and_stopped(tmp_path):
+    """The engine's own process killed (the OOM killer), its worker left: as PID 1 (or a subreaper) the worker, when
+    it exits, is a zombie of ours, and a zombie kept the group alive to killpg: the restart waited for good, and so did
+    a shutdown. Found by a review of local_vllm."""
+    import threading
+    process, engine_pid = supervisor_of_a_fake_engine(tmp_path, "fork_worker", subreaper=True)
+    watchdog = threading.Timer(60, process.kill)  # a hang ends the stream of lines, and the test fails
+    watchdog.start()
+    try:
+        os.kill(engine_pid, signal.SIGKILL)
+        assert any("healthy after" in line for line in process.stderr), "the engine was not restarted"
+        process.send_signal(signal.SIGINT)
+        rest = process.stderr.read()
+        assert process.wait(timeout=30) == 0, rest
+        with pytest.raises(ProcessLookupError):
+            os.killpg(engine_pid, 0)
+    finally:
+        watchdog.cancel()
+        if process.poll() is None:
+            process.kill()
 
 
 @pytest.mark.parametrize("config", SHIPPED, ids=lambda p: p.name)
