@@ -2860,7 +2860,7 @@ async def handle_responses(request: web.Request) -> web.StreamResponse:
     session_id, new_session = _session_of(request, config)
     chat = await _chat_upstream(context, session_id, chat_body, None if wants_output_logprobs(body) else CompletionForResponse)
     if body.get("stream"):
-        return await _relay_stream(context, chat, new_session, _ResponsesSSE(ResponsesStream(body, config)))
+        return await _relay_stream(context, chat, new_session, _ResponsesSSE(ResponsesStream(body, config)), chat_body)
     response = context_overflow_response(body, config) if chat is None else chat_response_to_responses(chat, body, config)
     return _set_session_cookie(_json_response(response_json(response)), config, new_session)
 
@@ -3520,7 +3520,7 @@ def _relay_read(block: bytes, lines: _DataLines, framing: _ResponsesSSE | _ChatS
 
 
 async def _relay_stream(context: RequestContext, upstream: aiohttp.ClientResponse | None, new_session: str | None,
-                        framing: _ResponsesSSE | _ChatSSE) -> web.StreamResponse:
+                        framing: _ResponsesSSE | _ChatSSE, chat_body: dict | None = None) -> web.StreamResponse:
     """Relays vLLM's SSE to the client as it arrives, one write per network read, in `framing`'s format.
 
     Reading pauses while the client is slow (each write awaits the socket), so nothing buffers without bound. A client
@@ -3564,7 +3564,13 @@ async def _relay_stream(context: RequestContext, upstream: aiohttp.ClientRespons
                     watch.waiting_since = clock()
                 else:
                     raise upstream_error("vLLM closed the stream before `data: [DONE]`", code="upstream_unreachable")
-                tail = framing.finish()
+                try:
+                    tail = framing.finish()
+                except PromptIdsMissing:  # a vLLM build that ignores `return_token_ids`: as without streaming
+                    if chat_body is None:
+                        raise
+                    framing.machine.prompt_token_ids = await _tokenize(context, context.upstream, chat_body)
+                    tail = framing.finish()
             except ConnectionResetError:
                 raise
             except (ApiError, aiohttp.ClientError, asyncio.TimeoutError) as exc:

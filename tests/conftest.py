@@ -190,7 +190,9 @@ class FakeUpstream:
                      "choices": [choice], **extra}
             await response.write(f"data: {json.dumps(chunk)}\n\n".encode())
 
-        prompt = {"prompt_token_ids": [1, 2, 3, 4]} if body.get("return_token_ids") else {}
+        prompt = {}
+        if body.get("return_token_ids") and command != "no_prompt_ids":  # older vLLM builds leave it out, newer send null
+            prompt = {"prompt_token_ids": None if command == "null_prompt_ids" else [1, 2, 3, 4]}
         await send({"role": "assistant", "content": ""}, **prompt)
         if command in ("slow", "slow_think"):  # streams for 10 s unless the proxy hangs up first
             self.stream_closed = None

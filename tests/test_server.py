@@ -43,6 +43,12 @@ async def test_token_ids_through_the_server_and_tokenize_fallback(fake_upstreams
         response = await client.responses.create(model="tiny", input=missing)
         assert response.output[-1].model_dump()["prompt_token_ids"] == [9, 9, 9]
         assert fake.tokenize_requests[-1]["messages"] == [{"role": "user", "content": missing}]
+        asked = len(fake.tokenize_requests)  # streamed too (found by a review: it ended in response.failed)
+        async with await client.responses.create(model="tiny", input=missing, stream=True) as stream:
+            events = [event async for event in stream]
+        assert events[-1].type == "response.completed", events[-1]
+        last = events[-1].response.output[-1].model_dump()
+        assert last["prompt_token_ids"] == [9, 9, 9] and last["generation_token_ids"] and len(fake.tokenize_requests) == asked + 1
     chat = await client.chat.completions.create(model="x", messages=[{"role": "user", "content": "hi"}])
     assert chat.choices[0].message.model_dump()["generation_token_ids"] == [11, 12, 13]
 
