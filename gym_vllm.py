@@ -1282,7 +1282,11 @@ def responses_request_to_chat(request: dict, config: ServerConfig) -> dict:
     if request.get("stream"):
         chat["stream"] = True
         chat["stream_options"] = {"include_usage": True}
-    return prepare_chat_request(chat, config, metadata=request.get("metadata"))
+    body = prepare_chat_request(chat, config, metadata=request.get("metadata"))
+    if body.get("n") not in (None, 1):  # set by an extra_body: the choices after the first were dropped
+        raise bad_request("`n` must be 1: a Response holds one completion (it was set through `metadata.extra_body` "
+                          "or the server's `extra_body`)", "n")
+    return body
 
 
 # --- chat-side preparation, shared by /v1/responses and /v1/chat/completions ---------------------

@@ -418,7 +418,18 @@ class LocalVLLM:
 
     @property
     def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}{self.engine.api_path}"
+        return f"{self._root_url}{self.engine.api_path}"
+
+    @property
+    def _root_url(self) -> str:
+        """Where this machine reaches the engine: loopback when it binds every interface (or loopback), else the one
+        address it binds (`engine_host`; loopback could not reach it, and it was never seen healthy)."""
+        host = self.engine.engine_host
+        if host in ("", "0.0.0.0", "::", "localhost"):
+            host = "127.0.0.1"
+        elif ":" in host:  # an IPv6 address
+            host = f"[{host}]"
+        return f"http://{host}:{self.port}"
 
     async def __aenter__(self) -> "LocalVLLM":
         await self.start()
@@ -494,15 +505,16 @@ class LocalVLLM:
 
     def _log_line(self, file: Any, raw: bytes) -> None:
         raw = raw.rstrip()
-        line = raw[raw.rfind(b"\r") + 1:].decode("utf-8", "replace")
+        # The key masked everywhere: the log tail goes into the startup error (stderr), and older vLLM prints its args
+        line = raw[raw.rfind(b"\r") + 1:].decode("utf-8", "replace").replace(self.api_key, "***")
         self._tail.append(line)
         file.write(line + "\n")
         if self.echo_logs:
-            engine_output.info(f"[{self.engine.name}] " + line.replace(self.api_key, "***"))
+            engine_output.info(f"[{self.engine.name}] " + line)
 
     async def _wait_healthy(self) -> str:
         """'healthy', 'port_taken', or the failure message with the log tail."""
-        url = f"http://127.0.0.1:{self.port}{self.engine.health_path}"
+        url = f"{self._root_url}{self.engine.health_path}"
         started = time.monotonic()
         next_progress = started + 10
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=2)) as http:

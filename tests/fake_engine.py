@@ -20,7 +20,7 @@ parser.add_argument("--api-key", required=True)
 args, _ = parser.parse_known_args()
 mode = os.environ.get("FAKE_ENGINE_MODE", "serve")
 if mode == "exit_at_once":
-    print("fake engine: failing on purpose", flush=True)
+    print(f"fake engine: failing on purpose (args: api_key={args.api_key})", flush=True)  # as vLLM before 0.32 prints it
     sys.exit(3)
 if mode == "port_in_use" and os.environ.get("FAKE_ENGINE_BUSY_PORT") == str(args.port):
     print(f"OSError: [Errno 98] error while attempting to bind on address ('0.0.0.0', {args.port}): address already in use", flush=True)

@@ -132,6 +132,7 @@ def test_tools_tool_choice_and_parallel_calls():
     ({"input": "q", "tools": "f"}, "tools"),
     ({"input": "q", "previous_response_id": "resp_1"}, "previous_response_id"),
     ({"input": "A", "messages": [{"role": "user", "content": "B"}]}, "messages"),  # replaced what `input` became
+    ({"input": "q", "metadata": {"extra_body": '{"n": 3}'}}, "n"),  # the choices after the first were dropped
     ({"input": "q", "background": True}, "background"),
     ({"input": "q", "conversation": "c"}, "conversation"),
     ({"input": "q", "stream": "yes"}, "stream"),

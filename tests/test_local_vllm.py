@@ -283,6 +283,8 @@ async def test_startup_failure_reports_the_log_tail(tmp_path):
     with pytest.raises(local_vllm.EngineError) as info:
         await engine.start()
     assert "exited with code 3" in str(info.value) and "failing on purpose" in str(info.value)
+    assert engine.api_key not in str(info.value) and "api_key=***" in str(info.value)  # the tail goes to stderr
+    assert engine.api_key not in (tmp_path / "fake-engine.log").read_text()
     hanging = local_vllm.LocalVLLM(fake_engine("hang", startup_timeout_s=1.5), log_dir=tmp_path, echo_logs=False)
     with pytest.raises(local_vllm.EngineError) as info:
         await hanging.start()
@@ -303,6 +305,16 @@ async def ask_engine(engine) -> int:
     async with aiohttp.ClientSession() as http:
         async with http.get(engine.base_url.removesuffix("/v1") + "/health") as answer:
             return answer.status
+
+
+def test_the_engine_is_reached_where_it_binds():
+    """`engine_host` one address (not every interface): the health checks and the proxy went to 127.0.0.1, which
+    cannot reach it: never healthy. Found by a review."""
+    for host, url in (("0.0.0.0", "http://127.0.0.1:9/v1"), ("127.0.0.1", "http://127.0.0.1:9/v1"), ("::", "http://127.0.0.1:9/v1"),
+                      ("127.0.0.2", "http://127.0.0.2:9/v1"), ("10.1.2.3", "http://10.1.2.3:9/v1"), ("fd00::5", "http://[fd00::5]:9/v1")):
+        engine = local_vllm.LocalVLLM(fake_engine(engine_host=host), echo_logs=False)
+        engine.port = 9
+        assert engine.base_url == url, host
 
 
 async def test_an_engine_that_cannot_start_is_a_one_line_error(tmp_path):
