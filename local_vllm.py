@@ -281,6 +281,11 @@ def plan_from_blocks(blocks: Sequence[ServerBlock]) -> Plan:
             values = {**values, "base_url": "http://127.0.0.1:0/v1", "api_key": "(set at start)"}
         servers.append((gym_vllm.server_config_from_dict(block.name, values, block.source, block.where), engine_name))
     gym_vllm._check_ports([server for server, _ in servers])
+    for engine in engines.values():  # found only once the engine was healthy, after loading its model
+        clash = next((server for server, _ in servers if engine.port is not None and server.port == engine.port), None)
+        if clash is not None:
+            raise ConfigError(f"{engine.source}: engine `{engine.name}` and server `{clash.name}` both use port {engine.port}; "
+                              f"give the {'deployment' if engine.name == 'deployment' else 'engine'} another `port`")
     return Plan(list(engines.values()), servers)
 
 

@@ -144,7 +144,9 @@ def test_evaluator_deployment_block():
                           ({"type": "vllm", "hf_model_handle": "m", "extra_args": "--chat-template 'x"}, "balance its quotes"),
                           ({"type": "vllm", "hf_model_handle": "m", "extra_args": "--port 19000"}, "`--port` is set by local_vllm"),
                           ({"type": "vllm", "hf_model_handle": "m", "extra_args": ["--api-key=s"]}, "`--api-key` is set by"),
-                          ({"type": "vllm", "hf_model_handle": "m", "tensor_parallel_size": 0}, "must be a positive integer")):
+                          ({"type": "vllm", "hf_model_handle": "m", "tensor_parallel_size": 0}, "must be a positive integer"),
+                          # the deployment's proxy serves on 8080: the engine started, then the proxy could not listen
+                          ({"type": "vllm", "hf_model_handle": "m", "port": 8080}, "both use port 8080")):
         with pytest.raises(ConfigError) as info:
             local_vllm.plan_from_blocks([block(bad, "deployment", "deployment")])
         assert fragment in str(info.value)
