@@ -4189,17 +4189,29 @@ def _resume(file: Any, path: str, progress: _Progress) -> set[tuple[int, int]]:
     return state.done
 
 
+# A server that did not take the request and says to come back (local_vllm's proxy while its engine restarts, a rate
+# limit): the request is sent again after these pauses (or its Retry-After, up to the pause's cap), about a minute in
+# all, where every line left failed at once. Still refused after them: the server is unavailable, not the line at fault.
+_RETRY_STATUSES = (429, 503)
+_RETRY_DELAYS_S = (0.5, 1.0, 2.0, 4.0, 8.0, 15.0, 30.0)
+
+
 async def _post_rollout(http: aiohttp.ClientSession, url: str, request: dict) -> tuple[dict | None, str | None, bool]:
     """(response, error, server unreachable) of one request."""
-    try:
-        async with http.post(url, json=request) as answer:
-            status, raw = answer.status, await answer.read()
-    except aiohttp.ClientConnectionError as exc:  # refused, reset, dropped: not this line's fault
-        return None, f"connection failed: {exc or exc.__class__.__name__}", True
-    except aiohttp.ClientError as exc:
-        return None, f"{exc.__class__.__name__}: {exc}", False
+    for delay in (*_RETRY_DELAYS_S, None):
+        try:
+            async with http.post(url, json=request) as answer:
+                status, raw = answer.status, await answer.read()
+                retry_after = answer.headers.get("Retry-After", "")
+        except aiohttp.ClientConnectionError as exc:  # refused, reset, dropped: not this line's fault
+            return None, f"connection failed: {exc or exc.__class__.__name__}", True
+        except aiohttp.ClientError as exc:
+            return None, f"{exc.__class__.__name__}: {exc}", False
+        if status not in _RETRY_STATUSES or delay is None:
+            break
+        await asyncio.sleep(min(float(retry_after), delay) if retry_after.isdigit() else delay)
     response, error = response_from_reply(status, raw)
-    return response, error, False
+    return response, error, status in _RETRY_STATUSES
 
 
 async def _check_server(http: aiohttp.ClientSession, base: str, progress: _Progress) -> None:

@@ -279,6 +279,35 @@ async def test_a_server_that_hangs_up_stops_the_run(aiohttp_server, tmp_path):
     assert "collect the 30 missing" in stderr and read_rollouts(tmp_path / "out.jsonl") == []
 
 
+async def test_a_server_that_says_come_back_is_asked_again(aiohttp_server, tmp_path, monkeypatch, capsys):
+    """503 or 429 (local_vllm's proxy while its engine restarts, a rate limit): each line is sent again after a pause,
+    where every line left failed at once; a server that keeps refusing stops the run as one that is gone does.
+    Found by a review."""
+    from aiohttp import web
+
+    monkeypatch.setattr(gym_vllm, "_RETRY_DELAYS_S", (0.01, 0.01, 0.01))
+    asked: dict = {}
+
+    async def restarting(request: web.Request) -> web.Response:
+        question = (await request.json())["input"]
+        asked[question] = asked.get(question, 0) + 1
+        if question == "never" or asked[question] <= 2:
+            return web.Response(status=503 if asked[question] % 2 else 429, headers={"Retry-After": "0"},
+                                body=b'{"error": {"message": "restarting; retry shortly"}}', content_type="application/json")
+        return web.json_response({"output": [], "status": "completed"})
+
+    url = await another_server(aiohttp_server, restarting)
+    source = write_jsonl(tmp_path / "in.jsonl", [{"input": f"q{i}"} for i in range(5)])
+    result = await gym_vllm.collect(url, source, str(tmp_path / "out.jsonl"), concurrency=2)
+    assert (result.written, result.failed) == (5, 0) and all(count == 3 for count in asked.values())
+    source = write_jsonl(tmp_path / "never.jsonl", [{"input": "never"}] * 20)
+    result = await gym_vllm.collect(url, source, str(tmp_path / "never-out.jsonl"), concurrency=1)
+    assert result.failed == 8 and "8 requests in a row could not reach" in result.stopped
+    assert asked["never"] == 8 * 4  # each line: the first try and three more
+    err = capsys.readouterr().err
+    assert "line 1: HTTP 429: restarting; retry shortly" in err, err  # the fourth try's answer
+
+
 async def test_a_reply_no_file_can_hold_is_a_failed_line_and_the_run_goes_on(aiohttp_server, tmp_path):
     """Another server's Response with a lone surrogate escape (valid JSON, no UTF-8 for it) once crashed the run
     (UnicodeEncodeError writing the rollout); it is that line's failure, and the rest are collected."""
