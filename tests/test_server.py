@@ -424,8 +424,11 @@ async def test_an_upstream_4xx_without_a_message_says_what_came(aiohttp_server, 
     """vLLM's 4xx with an empty body gave an error whose message was "" (no message, for strict clients no error); an
     odd body's text was a Python repr."""
     from aiohttp import web
+    async def refuse(request):
+        return web.Response(status=400, body=reply)
+
     upstream = web.Application()
-    upstream.router.add_post("/v1/chat/completions", lambda request: web.Response(status=400, body=reply))
+    upstream.router.add_post("/v1/chat/completions", refuse)
     server = await aiohttp_server(upstream)
     base = await proxy(server_config(f"http://127.0.0.1:{server.port}/v1", health_check_interval_s=None))
     async with aiohttp.ClientSession() as http:
