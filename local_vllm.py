@@ -166,7 +166,7 @@ def engine_from_block(block: ServerBlock) -> tuple[EngineConfig, dict]:
                      for name, key in ENGINE_KEYS.items() if name in values}
     kwargs = engine_values["serve_kwargs"] = dict(engine_values["serve_kwargs"])
     for key, value in engine_values["env_vars"].items():  # str(False) is "False", str(None) "None": vLLM's int() fails
-        if value is None or isinstance(value, bool) or not isinstance(value, (str, int, float)):
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
             raise ConfigError(f"{where.key('vllm_serve_env_vars', key)}: an environment variable's value is a string or a "
                               f"number, got {value!r}; write 0 or 1 for a flag, or quote the text")
     env_vars = engine_values["env_vars"] = {str(k): str(v) for k, v in engine_values["env_vars"].items()}
@@ -282,8 +282,8 @@ def plan_from_blocks(blocks: Sequence[ServerBlock]) -> Plan:
         servers.append((gym_vllm.server_config_from_dict(block.name, values, block.source, block.where), engine_name))
     gym_vllm._check_ports([server for server, _ in servers])
     for engine in engines.values():  # found only once the engine was healthy, after loading its model
-        clash = next((server for server, _ in servers if engine.port is not None and server.port == engine.port), None)
-        if clash is not None:
+        clash = next((server for server, _ in servers if server.port == engine.port), None)
+        if engine.port is not None and clash is not None:
             raise ConfigError(f"{engine.source}: engine `{engine.name}` and server `{clash.name}` both use port {engine.port}; "
                               f"give the {'deployment' if engine.name == 'deployment' else 'engine'} another `port`")
     return Plan(list(engines.values()), servers)
@@ -393,6 +393,14 @@ def _die_with_parent() -> None:  # runs in the child: the kernel SIGTERMs the en
         pass
 
 
+def reachable_host(host: str) -> str:
+    """A bind host as this machine reaches it in a URL: loopback where it binds every interface (or loopback), else
+    that one address (an IPv6 one in brackets)."""
+    if host in ("", "0.0.0.0", "::", "localhost"):
+        return "127.0.0.1"
+    return f"[{host}]" if ":" in host else host
+
+
 _LOG_BLOCK = 64 * 1024  # the engine's output is read in blocks of this size; a longer line is cut into pieces
 
 
@@ -427,14 +435,9 @@ class LocalVLLM:
 
     @property
     def _root_url(self) -> str:
-        """Where this machine reaches the engine: loopback when it binds every interface (or loopback), else the one
-        address it binds (`engine_host`; loopback could not reach it, and it was never seen healthy)."""
-        host = self.engine.engine_host
-        if host in ("", "0.0.0.0", "::", "localhost"):
-            host = "127.0.0.1"
-        elif ":" in host:  # an IPv6 address
-            host = f"[{host}]"
-        return f"http://{host}:{self.port}"
+        """Where this machine reaches the engine (`engine_host` one address: loopback could not reach it, and it was
+        never seen healthy)."""
+        return f"http://{reachable_host(self.engine.engine_host)}:{self.port}"
 
     async def __aenter__(self) -> "LocalVLLM":
         await self.start()
@@ -696,7 +699,7 @@ async def run(plan: Plan, log_dir: str | Path = "local_vllm_logs") -> int:
         for server, _ in plan.servers:
             runners.append(await gym_vllm.start_server(apps[server.name][gym_vllm.CONFIG_KEY], app=apps[server.name]))
         for server, _ in plan.servers:
-            address = f"{'127.0.0.1' if server.host in ('0.0.0.0', '') else server.host}:{server.port}"  # reachable from here
+            address = f"{reachable_host(server.host)}:{server.port}"
             log.info("ready: curl http://%s/v1/responses -H 'Content-Type: application/json' -d '{\"input\": \"Hello\"}'", address)
             log.info("metrics: http://%s/metrics (the proxy)", address)
         for engine in engines.values():
