@@ -435,3 +435,18 @@ async def test_an_upstream_4xx_without_a_message_says_what_came(aiohttp_server, 
         async with http.post(base + "/responses", json={"input": "q"}) as answer:
             error = assert_openai_error(answer.status, await answer.json())
     assert answer.status == 400 and fragment in error["message"], error
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ('{"input": "\\ud800"}'.encode("utf-16"), "lone UTF-16 surrogate escape"),  # was a 500 (the search read UTF-8 only)
+    (b'{"input": "q", "temperature": 1' + b"0" * 210 + b"e99}", "too large for a float"),  # was sent on as Infinity
+    (b'{"input": "caf\xe9"}', "byte 0xe9 in position 14: invalid continuation byte"),  # as json reports it, both codecs
+], ids=["utf-16-lone-surrogate", "float-too-large", "latin-1"])
+async def test_bodies_json_cannot_carry_are_a_400_on_the_wire(fake_upstreams, proxy, body, fragment):
+    [(fake, url)] = await fake_upstreams(1)
+    base = await proxy(server_config(url))
+    async with aiohttp.ClientSession() as http:
+        async with http.post(base + "/responses", data=body, headers={"Content-Type": "application/json"}) as answer:
+            error = assert_openai_error(answer.status, await answer.json())
+    assert answer.status == 400 and fragment in error["message"], error
+    assert not fake.requests  # nothing reached vLLM
